@@ -1,0 +1,87 @@
+"""The FastAPI application: routers, error mapping, health."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from sandbox import __version__
+from sandbox.api.routers import budget, datasets, jobs, policies, queries, reviews
+from sandbox.audit import record
+from sandbox.datasets.ingest import IngestError
+from sandbox.datasets.schema import SchemaError
+from sandbox.errors import SandboxError
+from sandbox.runtime import Runtime
+
+log = logging.getLogger("sandbox.api")
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    app = FastAPI(title="Sandbox: private data, usable but invisible", version=__version__,
+                  description="Analysts submit queries; only differentially private, "
+                              "reviewed results come out. Authenticate with "
+                              "`Authorization: Bearer <token>`.")
+    app.state.runtime = runtime
+    for module in (datasets, policies, jobs, reviews, budget, queries):
+        app.include_router(module.router)
+
+    @app.get("/v1/health", tags=["health"], summary="Liveness and database reachability")
+    def health() -> dict[str, Any]:
+        with runtime.db.transaction() as session:
+            session.execute(text("SELECT 1"))
+        return {"status": "ok", "version": __version__, "database": runtime.db.dialect}
+
+    @app.exception_handler(SandboxError)
+    async def _sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
+        if exc.status_code == 403:
+            _audit_forbidden(runtime, request, str(exc))
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(SchemaError)
+    @app.exception_handler(IngestError)
+    async def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 403:
+            _audit_forbidden(runtime, request, str(exc.detail))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", type(exc.orig).__name__)
+        return JSONResponse({"detail": "the database is unavailable (locked or out of space); "
+                                       "nothing was changed, retry later"}, status_code=503)
+
+    return app
+
+
+def _audit_forbidden(runtime: Runtime, request: Request, reason: str) -> None:
+    """Write a ``access.forbidden`` event for every 403, in its own transaction."""
+    try:
+        from sandbox.identity.service import authenticate
+        token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        with runtime.db.transaction() as session:
+            principal = authenticate(session, token)
+            record(session, actor_id=principal.user_id if principal else None,
+                   action="access.forbidden", object_type="request",
+                   object_id=f"{request.method} {request.url.path}"[:64],
+                   detail={"reason": reason})
+    except Exception:  # auditing must not turn a 403 into a 500
+        log.exception("could not audit a forbidden request")

@@ -1,0 +1,95 @@
+"""Datasets: register (owner), catalog and detail (everyone signed in). Never rows."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
+from sandbox.api.uploads import receive_multipart
+from sandbox.datasets import catalog
+from sandbox.datasets.schema import DatasetSchema
+from sandbox.db.models import Dataset, DatasetVersion, Organisation
+from sandbox.errors import Invalid
+from sandbox.identity.service import Principal, Role
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_FORMATS = {"csv": ".csv", "parquet": ".parquet"}
+
+
+@router.post("", status_code=201, summary="Register a dataset (or a new version of one)")
+async def register_dataset(request: Request, runtime: RuntimeDep,
+                           principal: PrincipalDep) -> dict[str, Any]:
+    """Multipart form: ``schema`` (YAML text) and ``data`` (a CSV or Parquet file),
+    optionally ``format`` (``csv`` or ``parquet``; otherwise taken from the file name)."""
+    require_role(principal, Role.OWNER)
+    settings = runtime.settings
+    async with receive_multipart(request, tmp_root=settings.tmpfs_dir,
+                                 max_bytes=settings.max_upload_bytes) as upload:
+        if "schema" not in upload.fields or "data" not in upload.files:
+            raise HTTPException(422, "the form needs a 'schema' field and a 'data' file")
+        schema = DatasetSchema.from_yaml(upload.fields["schema"].decode("utf-8", "replace"))
+        fmt = upload.fields.get("format", b"").decode() or \
+            upload.filenames["data"].rsplit(".", 1)[-1].lower()
+        if fmt not in _FORMATS:
+            raise HTTPException(422, "format: give 'csv' or 'parquet' (or a file name ending "
+                                     "in .csv or .parquet)")
+        source = upload.files["data"].rename(upload.files["data"].with_suffix(_FORMATS[fmt]))
+        return await asyncio.to_thread(_register, runtime, principal, schema, source)
+
+
+def _register(runtime: Any, principal: Principal, schema: DatasetSchema,
+              source: Any) -> dict[str, Any]:
+    with runtime.db.transaction() as session:
+        org = session.get(Organisation, principal.org_id)
+        if org is None or schema.owner_organisation != org.name:
+            raise Invalid(f"schema.owner_organisation: must be your organisation "
+                          f"{org.name if org else '?'!r}")
+        version = catalog.register(session, principal=principal, schema=schema, source=source,
+                                   data_dir=runtime.settings.data_dir, keys=runtime.keys,
+                                   max_bytes=runtime.settings.max_upload_bytes)
+        dataset = session.get(Dataset, version.dataset_id)
+        assert dataset is not None
+        return dataset_view(session, dataset, principal)
+
+
+@router.get("", summary="The catalog: every dataset's metadata")
+def list_datasets(runtime: RuntimeDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+    with runtime.db.transaction() as session:
+        rows = session.scalars(select(Dataset).where(Dataset.deleted_at.is_(None))
+                               .order_by(Dataset.name))
+        return [dataset_view(session, d, principal) for d in rows]
+
+
+@router.get("/{name}", summary="One dataset's metadata, schema and versions")
+def get_dataset(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
+    with runtime.db.transaction() as session:
+        return dataset_view(session, catalog.get_dataset(session, name), principal)
+
+
+def dataset_view(session: Session, dataset: Dataset, principal: Principal) -> dict[str, Any]:
+    """Metadata only. The exact row count shows only to the owner or when marked public."""
+    versions = list(session.scalars(select(DatasetVersion)
+                                    .where(DatasetVersion.dataset_id == dataset.id)
+                                    .order_by(DatasetVersion.version)))
+    latest = catalog.schema_of(versions[-1]) if versions else None
+    owner = session.get(Organisation, dataset.owner_org_id)
+    is_owner = principal.org_id == dataset.owner_org_id
+    return {
+        "name": dataset.name,
+        "title": dataset.title,
+        "description": dataset.description,
+        "owner_organisation": owner.name if owner else None,
+        "schema": latest.model_dump(mode="json") if latest else None,
+        "versions": [
+            {"version": v.version, "created_at": v.created_at.isoformat(),
+             "row_count": v.row_count if (is_owner or (latest and latest.row_count_public))
+             else None}
+            for v in versions
+        ],
+    }

@@ -1,0 +1,74 @@
+"""Policies: the dataset owner drafts and approves; everyone sees the one in force."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
+from sandbox.datasets import catalog
+from sandbox.db.models import Dataset, Policy
+from sandbox.errors import Forbidden, NotFound
+from sandbox.identity.service import Principal, Role
+from sandbox.policies import service
+
+router = APIRouter(prefix="/v1/datasets/{name}/policies", tags=["policies"])
+
+
+class PolicyDraft(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    yaml: str = Field(min_length=1, max_length=200_000, description="The policy document")
+
+
+def check_dataset_owner(principal: Principal, dataset: Dataset) -> None:
+    """The one ownership check for owner actions on a dataset and its policies."""
+    require_role(principal, Role.OWNER)
+    if dataset.owner_org_id != principal.org_id:
+        raise Forbidden(f"dataset {dataset.name!r} belongs to another organisation")
+
+
+def policy_view(policy: Policy) -> dict[str, Any]:
+    return {"version": policy.version, "status": policy.status, "yaml": policy.body_yaml,
+            "policy": policy.body, "created_at": policy.created_at.isoformat(),
+            "approved_at": policy.approved_at.isoformat() if policy.approved_at else None}
+
+
+@router.post("", status_code=201, summary="Submit a policy draft (owner)")
+def draft_policy(name: str, body: PolicyDraft, runtime: RuntimeDep,
+                 principal: PrincipalDep) -> dict[str, Any]:
+    with runtime.db.transaction() as session:
+        dataset = catalog.get_dataset(session, name)
+        check_dataset_owner(principal, dataset)
+        return policy_view(service.submit_draft(session, dataset, body.yaml,
+                                                actor_id=principal.user_id))
+
+
+@router.post("/{version}/approve", summary="Approve a draft; it is in force from now (owner)")
+def approve_policy(name: str, version: int, runtime: RuntimeDep,
+                   principal: PrincipalDep) -> dict[str, Any]:
+    with runtime.db.transaction() as session:
+        dataset = catalog.get_dataset(session, name)
+        check_dataset_owner(principal, dataset)
+        policy = session.scalar(select(Policy).where(Policy.dataset_id == dataset.id,
+                                                     Policy.version == version))
+        if policy is None:
+            raise NotFound(f"policy version {version} of {name!r} not found")
+        return policy_view(service.approve(session, policy, actor_id=principal.user_id))
+
+
+@router.get("", summary="Policies of a dataset: all versions for its owner, else the one "
+                        "in force")
+def list_policies(name: str, runtime: RuntimeDep,
+                  principal: PrincipalDep) -> list[dict[str, Any]]:
+    with runtime.db.transaction() as session:
+        dataset = catalog.get_dataset(session, name)
+        if principal.org_id == dataset.owner_org_id:
+            rows = list(session.scalars(select(Policy).where(Policy.dataset_id == dataset.id)
+                                        .order_by(Policy.version)))
+        else:
+            in_force = service.policy_in_force(session, dataset.id)
+            rows = [in_force] if in_force else []
+        return [policy_view(p) for p in rows]

@@ -1,0 +1,59 @@
+"""Reviews: the reviewer's queue, the output under review, approve and reject."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
+from sandbox.db.models import JobResult
+from sandbox.identity.service import Role
+from sandbox.jobs import service as jobs
+from sandbox.review import service
+
+router = APIRouter(prefix="/v1/reviews", tags=["reviews"])
+
+
+class Rejection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=4000)
+
+
+@router.get("", summary="Jobs waiting for your review")
+def queue(runtime: RuntimeDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+    require_role(principal, Role.REVIEWER)
+    with runtime.db.transaction() as session:
+        return [jobs.job_view(j) for j in service.review_queue(session, principal)]
+
+
+@router.get("/{job_id}", summary="A job under review: its query, cost and output")
+def detail(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
+    require_role(principal, Role.REVIEWER)
+    with runtime.db.transaction() as session:
+        job = jobs.visible_job(session, principal, job_id)
+        result = session.get(JobResult, job.id)
+        return {"job": jobs.job_view(job), "output": result.content if result else None,
+                "sha256": result.content_sha256 if result else None}
+
+
+@router.post("/{job_id}/approve", summary="Approve and release the output")
+def approve(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
+    require_role(principal, Role.REVIEWER)
+    with runtime.db.transaction() as session:
+        job = jobs.visible_job(session, principal, job_id)
+        release = service.approve(session, principal, job)
+        return {"job": jobs.job_view(job), "release": {"id": release.id,
+                                                        "sha256": release.content_sha256}}
+
+
+@router.post("/{job_id}/reject", summary="Reject the output with a reason the analyst sees")
+def reject(job_id: str, body: Rejection, runtime: RuntimeDep,
+           principal: PrincipalDep) -> dict[str, Any]:
+    require_role(principal, Role.REVIEWER)
+    with runtime.db.transaction() as session:
+        job = jobs.visible_job(session, principal, job_id)
+        service.reject(session, principal, job, body.reason)
+        job.error_public = f"rejected by review: {body.reason}"
+        return jobs.job_view(job)

@@ -1,0 +1,1 @@
+"""The ``sandbox`` command line and the HTTP client SDK for every role."""

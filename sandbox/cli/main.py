@@ -1,0 +1,198 @@
+"""``sandbox``: the command line for operators and every role.
+
+Server-side commands (``init``, ``serve``, ``worker``, ``audit verify``) act on the home
+directory; role commands talk to a running server over HTTP with a token
+(``--url``/``SANDBOX_URL`` and ``--token``/``SANDBOX_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from sandbox.cli.client import ApiError, SandboxClient
+from sandbox.config import Settings
+
+app = typer.Typer(help="Private data, usable but invisible: a privacy-preserving data sandbox.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+dataset_app = typer.Typer(help="Data owner: register and inspect datasets.", no_args_is_help=True)
+policy_app = typer.Typer(help="Data owner: draft and approve policies.", no_args_is_help=True)
+job_app = typer.Typer(help="Analyst: submit and follow jobs.", no_args_is_help=True)
+review_app = typer.Typer(help="Reviewer: the review queue.", no_args_is_help=True)
+audit_app = typer.Typer(help="Admin: the audit log.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(policy_app, name="policy")
+app.add_typer(job_app, name="job")
+app.add_typer(review_app, name="review")
+app.add_typer(audit_app, name="audit")
+
+console = Console()
+Url = Annotated[str, typer.Option(envvar="SANDBOX_URL", help="Server URL")]
+Token = Annotated[str, typer.Option(envvar="SANDBOX_TOKEN", help="Bearer token")]
+
+
+@app.callback()
+def _main(home: Annotated[Path | None, typer.Option(help="Home directory (SANDBOX_HOME)")]
+          = None, verbose: bool = False) -> None:
+    if home is not None:
+        os.environ["SANDBOX_HOME"] = str(home.expanduser().resolve())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _client(url: str, token: str) -> SandboxClient:
+    return SandboxClient(url, token)
+
+
+def _print(data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))
+
+
+def _run(call: Any) -> None:
+    """Run an HTTP call and print its JSON, or the server's error and exit 1."""
+    try:
+        _print(call())
+    except ApiError as exc:
+        console.print(f"[red]error {exc.status_code}:[/red] {exc.detail}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def init() -> None:
+    """Create the home: database, master key (0600), admin and the demo roles' tokens."""
+    from sandbox.cli.home import initialise
+    result = initialise(_settings())
+    console.print(f"initialised {result.home}; tokens (shown once) in {result.tokens_file}")
+
+
+@app.command()
+def serve(workers: Annotated[int, typer.Option(min=0, max=32)] = 1,
+          port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the API and worker processes on this machine until interrupted."""
+    from sandbox.cli.serve import serve as run_serve
+    if port is not None:
+        os.environ["SANDBOX_PORT"] = str(port)
+    settings = _settings()
+    console.print(f"serving on http://{settings.host}:{settings.port} with {workers} worker(s)")
+    run_serve(settings, workers=workers)
+
+
+@app.command()
+def worker() -> None:
+    """Run one worker: claims jobs, charges the ledger, answers through the broker."""
+    from sandbox.cli.serve import run_worker
+    run_worker(_settings())
+
+
+@app.command()
+def demo(rows: Annotated[int, typer.Option(min=1000)] = 1_000_000,
+         keep_home: Annotated[Path | None, typer.Option(help="Keep the demo's home here")]
+         = None) -> None:
+    """The whole story end to end on a bundled dataset, through the real HTTP API."""
+    from sandbox.cli.demo import run_demo
+    raise typer.Exit(run_demo(rows=rows, keep_home=keep_home, console=console))
+
+
+@dataset_app.command("register")
+def dataset_register(schema: Path, data: Path, url: Url = "http://127.0.0.1:8765",
+                     token: Token = "") -> None:
+    """Register DATA (CSV or Parquet) described by SCHEMA (YAML)."""
+    _run(lambda: _client(url, token).register_dataset(schema, data))
+
+
+@dataset_app.command("list")
+def dataset_list(url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """The catalog."""
+    _run(lambda: _client(url, token).datasets())
+
+
+@dataset_app.command("show")
+def dataset_show(name: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """One dataset's metadata and schema."""
+    _run(lambda: _client(url, token).dataset(name))
+
+
+@policy_app.command("submit")
+def policy_submit(dataset: str, policy: Path, url: Url = "http://127.0.0.1:8765",
+                  token: Token = "") -> None:
+    """Submit POLICY (YAML) as a draft for DATASET."""
+    _run(lambda: _client(url, token).draft_policy(dataset, policy.read_text()))
+
+
+@policy_app.command("approve")
+def policy_approve(dataset: str, version: int, url: Url = "http://127.0.0.1:8765",
+                   token: Token = "") -> None:
+    """Approve draft VERSION of DATASET's policy."""
+    _run(lambda: _client(url, token).approve_policy(dataset, version))
+
+
+@job_app.command("submit")
+def job_submit(query: Path, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """Submit a query job from a JSON query spec file."""
+    _run(lambda: _client(url, token).submit_query(json.loads(query.read_text())))
+
+
+@job_app.command("status")
+def job_status(job_id: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    _run(lambda: _client(url, token).job(job_id))
+
+
+@job_app.command("result")
+def job_result(job_id: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """The released table of a job."""
+    _run(lambda: _client(url, token).result(job_id))
+
+
+@app.command()
+def budget(dataset: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """Epsilon spent and left on DATASET."""
+    _run(lambda: _client(url, token).budget(dataset))
+
+
+@review_app.command("list")
+def review_list(url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    _run(lambda: _client(url, token).review_queue())
+
+
+@review_app.command("approve")
+def review_approve(job_id: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    _run(lambda: _client(url, token).approve(job_id))
+
+
+@review_app.command("reject")
+def review_reject(job_id: str, reason: str, url: Url = "http://127.0.0.1:8765",
+                  token: Token = "") -> None:
+    _run(lambda: _client(url, token).reject(job_id, reason))
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the audit log's hash chain; names the first bad entry."""
+    from sandbox.audit import verify
+    from sandbox.runtime import Runtime
+    runtime = Runtime.open(_settings())
+    try:
+        with runtime.db.transaction() as session:
+            result = verify(session)
+    finally:
+        runtime.close()
+    if result.ok:
+        console.print(f"audit log intact: {result.events} events, head {result.head}")
+        return
+    console.print(f"[red]audit log broken at entry {result.first_bad_seq}:[/red] "
+                  f"{result.reason}")
+    raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,61 @@
+"""Settings read from the environment (``SANDBOX_*``) with safe defaults for one machine.
+
+Everything the product keeps lives under ``home``: the SQLite database, the master key
+file and the encrypted datasets. A PostgreSQL URL may replace the SQLite default.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Process settings. Values come from ``SANDBOX_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SANDBOX_", extra="ignore")
+
+    home: Path = Field(default=Path(".sandbox-home"), description="Directory for DB, keys, data")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default is SQLite at <home>/sandbox.db"
+    )
+    environment: Literal["dev", "prod"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_upload_bytes: int = 2 * 1024**3
+    worker_poll_seconds: float = 0.2
+    lease_seconds: float = 60.0
+    max_attempts: int = 3
+    tmpfs_dir: Path = Field(
+        default=Path("/dev/shm"), description="RAM-backed directory for transient plaintext"
+    )
+
+    @field_validator("home", "tmpfs_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL in force: the configured one or SQLite inside ``home``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'sandbox.db'}"
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.home / "keys" / "master.key"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build their own ``Settings``)."""
+    return Settings()

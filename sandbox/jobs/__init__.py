@@ -1,0 +1,1 @@
+"""Jobs: their states and transitions (as data), the queue with leases, the worker."""

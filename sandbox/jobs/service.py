@@ -1,0 +1,125 @@
+"""Submitting, reading and cancelling jobs: every check here is data-independent.
+
+``submit_query_job`` refuses, before anything is queued, a dataset without an approved
+policy, an organisation the policy does not grant, a query the schema or policy does not
+allow, and an epsilon over the per-job cap or over what is left. The job pins the dataset
+version and the policy version in force at submission.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sandbox.audit import record
+from sandbox.datasets import catalog
+from sandbox.db.models import Job, Organisation
+from sandbox.errors import Conflict, Invalid, NotFound
+from sandbox.identity.service import Principal, Role
+from sandbox.jobs.states import JobStatus, transition
+from sandbox.policies.service import document, policy_in_force
+from sandbox.privacy import ledger
+from sandbox.privacy.spec import QuerySpec
+from sandbox.privacy.validate import check_grant, check_query
+
+
+class JobRequest(BaseModel):
+    """What an analyst posts to ``/v1/jobs``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: str = Field(default="query", pattern="^query$")
+    query: QuerySpec
+
+
+def request_digest(request: JobRequest) -> str:
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit_query_job(session: Session, principal: Principal, request: JobRequest, *,
+                     idempotency_key: str | None = None, today: date | None = None) -> Job:
+    """Queue a query job, or return the job an earlier identical submission created."""
+    if principal.role != Role.ANALYST:
+        raise Invalid("only analysts submit jobs")
+    digest = request_digest(request)
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.org_id == principal.org_id,
+                                                    Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_sha256 != digest:
+                raise Invalid("Idempotency-Key was already used with a different request body")
+            return existing
+    spec = request.query
+    dataset = catalog.get_dataset(session, spec.dataset)
+    policy = policy_in_force(session, dataset.id)
+    if policy is None:
+        raise Conflict(f"dataset {dataset.name!r} has no approved policy; no query can run")
+    doc = document(policy)
+    org = session.get(Organisation, principal.org_id)
+    assert org is not None
+    check_grant(doc, org.name, today or date.today())
+    version = catalog.latest_version(session, dataset)
+    check_query(spec, catalog.schema_of(version), doc)
+    left = doc.budget.total_epsilon - ledger.spent(session, dataset.id)
+    if spec.epsilon > left + ledger.TOLERANCE:
+        raise Conflict(f"budget exhausted: epsilon {spec.epsilon:g} requested, "
+                       f"{max(left, 0.0):g} left")
+    job = Job(dataset_id=dataset.id, dataset_version=version.version, org_id=principal.org_id,
+              submitted_by=principal.user_id, policy_id=policy.id, kind="query",
+              spec=spec.model_dump(mode="json"), epsilon=spec.epsilon,
+              status=JobStatus.QUEUED.value, review_required=doc.review_required,
+              idempotency_key=idempotency_key, request_sha256=digest)
+    session.add(job)
+    session.flush()
+    record(session, actor_id=principal.user_id, action="job.submitted", object_type="job",
+           object_id=job.id, detail={"dataset": dataset.name, "epsilon": spec.epsilon,
+                                     "policy_version": policy.version})
+    return job
+
+
+def visible_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """The job if the caller may see it; otherwise ``NotFound`` (same as missing).
+
+    Analysts see their organisation's jobs; reviewers see jobs of other organisations
+    (the ones they may review); admins see all.
+    """
+    job = session.get(Job, job_id)
+    if job is None or not can_see_job(principal, job):
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def can_see_job(principal: Principal, job: Job) -> bool:
+    if principal.role == Role.ADMIN:
+        return True
+    if principal.role == Role.REVIEWER:
+        return job.org_id != principal.org_id
+    if principal.role == Role.ANALYST:
+        return job.org_id == principal.org_id
+    return False
+
+
+def cancel(session: Session, principal: Principal, job: Job) -> Job:
+    """Cancel a job of the caller's organisation; its budget charge (if any) stays."""
+    if principal.role != Role.ANALYST or job.org_id != principal.org_id:
+        raise NotFound(f"job {job.id!r} not found")
+    transition(session, job, JobStatus.CANCELLED, actor="analyst", actor_id=principal.user_id)
+    return job
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The public view of a job (no result content)."""
+    return {
+        "id": job.id, "status": job.status, "kind": job.kind, "dataset_version":
+        job.dataset_version, "epsilon": job.epsilon, "query": job.spec,
+        "review_required": job.review_required, "error": job.error_public,
+        "attempts": job.attempts, "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

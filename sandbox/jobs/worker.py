@@ -1,0 +1,153 @@
+"""The worker: claims jobs, charges the ledger, runs the broker, stores the result.
+
+The worker is trusted code. For a query job it:
+1. reads the job, its pinned dataset version and policy (short transaction);
+2. builds the measurement from the spec (data-independent);
+3. charges the ledger in a fenced transaction *before* touching data; a refusal there
+   fails the job with the ledger's public message;
+4. decrypts the dataset into RAM and runs the measurement; any failure from here on is
+   data-dependent and becomes one generic message, and the charge stays;
+5. stores the result and moves the job to review (or releases it when the policy needs no
+   review), fenced by its lease token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from sandbox.config import Settings
+from sandbox.datasets import catalog
+from sandbox.datasets.keys import KeyProvider
+from sandbox.db import Database
+from sandbox.db.models import DatasetVersion, Job, JobResult, Policy
+from sandbox.errors import SandboxError
+from sandbox.jobs.queue import Claim, LeaseLost, claim, fenced, heartbeat
+from sandbox.jobs.states import JobStatus, transition
+from sandbox.policies.model import PolicyDocument
+from sandbox.privacy import engine, ledger
+from sandbox.privacy.spec import QuerySpec
+from sandbox.review.service import content_digest, create_release
+
+log = logging.getLogger("sandbox.worker")
+
+GENERIC_FAILURE = ("the query could not be answered on the data; its budget stays charged "
+                   "(data-dependent failures are not described)")
+
+
+class Worker:
+    """One worker process's loop. ``run_once`` is safe to call from tests."""
+
+    def __init__(self, settings: Settings, db: Database, keys: KeyProvider,
+                 worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.keys = keys
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_forever(self) -> None:
+        log.info("worker %s started", self.worker_id)
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # keep the worker alive; the job's lease will expire
+                log.exception("worker loop error")
+                worked = False
+            if not worked:
+                self._stop.wait(self.settings.worker_poll_seconds)
+
+    def run_once(self) -> bool:
+        """Claim and process one job; ``False`` if the queue was empty."""
+        claimed = claim(self.db, self.worker_id, lease_seconds=self.settings.lease_seconds,
+                        max_attempts=self.settings.max_attempts)
+        if claimed is None:
+            return False
+        try:
+            self._process(claimed)
+        except LeaseLost:
+            log.warning("job %s: lease lost, result dropped", claimed.job_id)
+        return True
+
+    def _process(self, claimed: Claim) -> None:
+        with self.db.transaction() as session:
+            job = session.get(Job, claimed.job_id)
+            assert job is not None
+            version = session.scalar(select(DatasetVersion).where(
+                DatasetVersion.dataset_id == job.dataset_id,
+                DatasetVersion.version == job.dataset_version))
+            policy = session.get(Policy, job.policy_id)
+            assert version is not None and policy is not None
+            spec = QuerySpec.model_validate(job.spec)
+            doc = PolicyDocument.model_validate(policy.body)
+        try:
+            prepared = engine.prepare(spec, catalog.schema_of(version))
+        except Exception:
+            log.exception("job %s: could not build the measurement", claimed.job_id)
+            self._fail(claimed, "the query could not be planned")
+            return
+        try:
+            with fenced(self.db, claimed) as (session, job):
+                ledger.charge(session, dataset_id=job.dataset_id, org_id=job.org_id,
+                              job_id=job.id, seq=0, epsilon=spec.epsilon,
+                              total_epsilon=doc.budget.total_epsilon)
+        except ledger.BudgetExhausted as exc:
+            self._fail(claimed, str(exc))
+            return
+        try:
+            content = self._run(claimed, prepared, version)
+        except LeaseLost:
+            raise
+        except Exception:
+            log.error("job %s: data-dependent failure (details withheld)", claimed.job_id)
+            self._fail(claimed, GENERIC_FAILURE)
+            return
+        self._complete(claimed, content)
+
+    def _run(self, claimed: Claim, prepared: engine.PreparedQuery,
+             version: DatasetVersion) -> dict[str, Any]:
+        started = time.monotonic()
+        with catalog.plaintext_ipc(version, data_dir=self.settings.data_dir, keys=self.keys,
+                                   tmpfs_dir=self.settings.tmpfs_dir) as path:
+            heartbeat(self.db, claimed, lease_seconds=self.settings.lease_seconds)
+            content = engine.execute(prepared, path)
+        log.info("job %s answered in %.2fs", claimed.job_id, time.monotonic() - started)
+        return content
+
+    def _complete(self, claimed: Claim, content: dict[str, Any]) -> None:
+        with fenced(self.db, claimed) as (session, job):
+            spent = ledger.spent(session, job.dataset_id)
+            policy = session.get(Policy, job.policy_id)
+            assert policy is not None
+            total = PolicyDocument.model_validate(policy.body).budget.total_epsilon
+            content = {**content, "budget": {"dataset_total_epsilon": total,
+                                             "dataset_spent_epsilon": spent,
+                                             "dataset_left_epsilon": max(0.0, total - spent)}}
+            session.add(JobResult(job_id=job.id, content=content,
+                                  content_sha256=content_digest(content)))
+            session.flush()
+            job.lease_owner, job.lease_expires_at = None, None
+            if job.review_required:
+                transition(session, job, JobStatus.PENDING_REVIEW, actor="worker", actor_id=None)
+            else:
+                transition(session, job, JobStatus.RELEASED, actor="worker", actor_id=None)
+                create_release(session, job, released_by=None)
+
+    def _fail(self, claimed: Claim, public_message: str) -> None:
+        try:
+            with fenced(self.db, claimed) as (session, job):
+                job.error_public = public_message
+                job.lease_owner, job.lease_expires_at = None, None
+                transition(session, job, JobStatus.FAILED, actor="worker", actor_id=None,
+                           detail={"reason": public_message})
+        except SandboxError:
+            log.exception("job %s: could not record failure", claimed.job_id)

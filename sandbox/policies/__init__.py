@@ -1,0 +1,1 @@
+"""Data-owner policies: the model, drafting and approval, and evaluation."""

@@ -1,0 +1,1 @@
+"""Query specs, their validation, the OpenDP engine and the budget ledger."""

@@ -1,0 +1,1 @@
+"""Review of outputs waiting for release, and releases."""

@@ -1,0 +1,77 @@
+"""Approving and rejecting jobs' outputs; creating releases bound to their content hash.
+
+A reviewer never reviews a job of their own organisation. A release records the SHA-256
+of the exact content approved; the analyst can download only released content, and only
+if it still has that hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from sandbox.db.models import Job, JobResult, Release, Review
+from sandbox.errors import Forbidden, NotFound
+from sandbox.identity.service import Principal, Role
+from sandbox.jobs.states import JobStatus, transition
+
+
+def content_digest(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_can_review(principal: Principal, job: Job) -> None:
+    if principal.role != Role.REVIEWER:
+        raise Forbidden("only reviewers approve or reject outputs")
+    if job.org_id == principal.org_id:
+        raise Forbidden("reviewers may not review jobs of their own organisation")
+
+
+def create_release(session: Session, job: Job, *, released_by: str | None) -> Release:
+    result = session.get(JobResult, job.id)
+    if result is None:
+        raise NotFound(f"job {job.id!r} has no output")
+    release = Release(job_id=job.id, content_sha256=result.content_sha256,
+                      released_by=released_by)
+    session.add(release)
+    session.flush()
+    return release
+
+
+def approve(session: Session, principal: Principal, job: Job) -> Release:
+    check_can_review(principal, job)
+    session.add(Review(job_id=job.id, reviewer_id=principal.user_id, decision="approved"))
+    transition(session, job, JobStatus.RELEASED, actor="reviewer", actor_id=principal.user_id)
+    return create_release(session, job, released_by=principal.user_id)
+
+
+def reject(session: Session, principal: Principal, job: Job, reason: str) -> None:
+    check_can_review(principal, job)
+    session.add(Review(job_id=job.id, reviewer_id=principal.user_id, decision="rejected",
+                       reason=reason))
+    transition(session, job, JobStatus.REJECTED, actor="reviewer", actor_id=principal.user_id,
+               detail={"reason": reason})
+
+
+def released_content(session: Session, job: Job) -> dict[str, Any]:
+    """The released output of ``job``; ``NotFound`` unless released and unchanged."""
+    release = session.scalar(select(Release).where(Release.job_id == job.id))
+    result = session.get(JobResult, job.id)
+    if (job.status != JobStatus.RELEASED.value or release is None or result is None
+            or content_digest(result.content) != release.content_sha256):
+        raise NotFound(f"job {job.id!r} has no released output")
+    return {"job_id": job.id, "sha256": release.content_sha256, **result.content}
+
+
+def review_queue(session: Session, principal: Principal) -> list[Job]:
+    """Jobs waiting for review that this reviewer may review."""
+    if principal.role != Role.REVIEWER:
+        raise Forbidden("only reviewers have a review queue")
+    return list(session.scalars(select(Job).where(
+        Job.status == JobStatus.PENDING_REVIEW.value, Job.org_id != principal.org_id)
+        .order_by(Job.created_at)))

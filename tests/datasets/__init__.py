@@ -1,0 +1,1 @@
+"""Tests for sandbox.datasets (a package so its conftest is not imported as ``conftest``)."""
