@@ -89,9 +89,12 @@ def _release_table(result: dict[str, Any]) -> Table:
                 cells.append(str(cell))
             elif cell["value"] is None:
                 cells.append("-")
+            elif cell["low"] is None:
+                cells.append(f"{cell['value']:,.1f}")
+            elif col["kind"] == "mean":
+                cells.append(f"{cell['value']:,.1f} ({cell['low']:,.1f} to {cell['high']:,.1f})")
             else:
-                cells.append(f"{cell['value']:,.1f}  [{cell['low']:,.1f} .. {cell['high']:,.1f}]"
-                             if cell["low"] is not None else f"{cell['value']:,.1f}")
+                cells.append(f"{cell['value']:,.0f} ± {(cell['high'] - cell['low']) / 2:,.0f}")
         table.add_row(*cells)
     return table
 

@@ -32,7 +32,7 @@ app.add_typer(job_app, name="job")
 app.add_typer(review_app, name="review")
 app.add_typer(audit_app, name="audit")
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 110)
 Url = Annotated[str, typer.Option(envvar="SANDBOX_URL", help="Server URL")]
 Token = Annotated[str, typer.Option(envvar="SANDBOX_TOKEN", help="Bearer token")]
 

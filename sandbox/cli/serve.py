@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from sandbox.jobs.worker import Worker
 from sandbox.runtime import Runtime
 
 log = logging.getLogger("sandbox.serve")
+_PR_SET_PDEATHSIG = 1
 
 
 def run_worker(settings: Settings) -> None:
@@ -31,10 +33,21 @@ def run_worker(settings: Settings) -> None:
         runtime.close()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: receive SIGTERM when the parent dies (Linux prctl)."""
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def spawn_workers(count: int) -> list[subprocess.Popen[bytes]]:
-    """Start ``count`` worker processes with this process's environment."""
+    """Start ``count`` worker processes with this process's environment.
+
+    Workers die with the server even if it is killed with SIGKILL (parent-death signal).
+    """
     return [subprocess.Popen([sys.executable, "-m", "sandbox.cli.main", "worker"],
-                             env=dict(os.environ)) for _ in range(count)]
+                             env=dict(os.environ), preexec_fn=_die_with_parent)
+            for _ in range(count)]
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
@@ -49,10 +62,18 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float = 10
             proc.wait()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(settings: Settings, *, workers: int = 1) -> None:
     """API and ``workers`` worker processes until interrupted; workers stop with it."""
     runtime = Runtime.open(settings)  # migrates once before workers start
     processes = spawn_workers(workers)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with the default
+    # handler that would kill this process before the workers are stopped.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     try:
         uvicorn.run(create_app(runtime), host=settings.host, port=settings.port,
                     log_level="warning", access_log=False)
