@@ -14,8 +14,10 @@ lazily (building a Context over an in-memory frame costs seconds).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import operator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -67,7 +69,7 @@ class PreparedQuery:
 
 def prepare(spec: QuerySpec, schema: DatasetSchema) -> PreparedQuery:
     """Build and check the measurement for ``spec``; touches no data."""
-    columns = _needed_columns(spec)
+    columns = _needed_columns(spec) or _placeholder_column(schema)
     domain = dp.lazyframe_domain([_series_domain(schema.column(c)) for c in columns])
     domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=schema.max_rows))
     plan, outputs, alphas = _plan(spec, schema, _lazyframe_from_domain(domain))
@@ -94,6 +96,14 @@ def _needed_columns(spec: QuerySpec) -> list[str]:
     names += [f.column for f in spec.filters]
     names += [a.column for a in spec.aggregates if a.column]
     return list(dict.fromkeys(names))
+
+
+def _placeholder_column(schema: DatasetSchema) -> list[str]:
+    """A query touching no column (a bare count) still needs one to count the rows of."""
+    for column in schema.columns:
+        if column.classification.value != "L4" and column.type != ColumnType.DATE:
+            return [column.name]
+    raise EngineError("the dataset has no queryable column")
 
 
 def _series_domain(column: ColumnSpec) -> Any:
@@ -138,10 +148,12 @@ def _filter_expr(flt: Filter) -> pl.Expr:
             return col > value
         case ">=":
             return col >= value
-        case "in":
-            return col.is_in(_as_list(value))
+        case "in":  # OpenDP 0.16 does not support is_in: a chain of equalities
+            equal: list[pl.Expr] = [col == v for v in _as_list(value)]
+            return functools.reduce(operator.or_, equal)
         case "not_in":
-            return ~col.is_in(_as_list(value))
+            differ: list[pl.Expr] = [col != v for v in _as_list(value)]
+            return functools.reduce(operator.and_, differ)
     raise EngineError(f"unknown filter op {flt.op}")  # pragma: no cover
 
 
