@@ -137,22 +137,22 @@ def _filter_expr(flt: Filter) -> pl.Expr:
     value = flt.value
     match flt.op:
         case "==":
-            return col == value
+            return col.eq(value)
         case "!=":
-            return col != value
+            return col.ne(value)
         case "<":
-            return col < value
+            return col.lt(value)
         case "<=":
-            return col <= value
+            return col.le(value)
         case ">":
-            return col > value
+            return col.gt(value)
         case ">=":
-            return col >= value
+            return col.ge(value)
         case "in":  # OpenDP 0.16 does not support is_in: a chain of equalities
-            equal: list[pl.Expr] = [col == v for v in _as_list(value)]
+            equal = [col.eq(v) for v in _as_list(value)]
             return functools.reduce(operator.or_, equal)
         case "not_in":
-            differ: list[pl.Expr] = [col != v for v in _as_list(value)]
+            differ = [col.ne(v) for v in _as_list(value)]
             return functools.reduce(operator.and_, differ)
     raise EngineError(f"unknown filter op {flt.op}")  # pragma: no cover
 
