@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandbox.config import Settings
-from sandbox.datasets.keys import KeyProvider, LocalKeyFileProvider
+from sandbox.datasets.keyring import Keyring, LocalKeyring
 from sandbox.db import Database
 from sandbox.errors import Conflict
 
@@ -22,16 +22,29 @@ class NotInitialised(Conflict):
 class Runtime:
     settings: Settings
     db: Database
-    keys: KeyProvider
+    keys: Keyring
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
-        if not settings.master_key_path.exists():
-            raise NotInitialised(f"no master key at {settings.master_key_path}; run "
-                                 "'sandbox init' first")
+        keys = open_keyring(settings)
+        if not keys.key_ids():
+            raise NotInitialised(f"no master key in {settings.keys_dir}; run 'sandbox init' "
+                                 "first")
         db = Database(settings.effective_database_url)
         db.migrate()
-        return cls(settings=settings, db=db, keys=LocalKeyFileProvider(settings.master_key_path))
+        return cls(settings=settings, db=db, keys=keys)
 
     def close(self) -> None:
         self.db.dispose()
+        self.keys.close()
+
+
+def open_keyring(settings: Settings) -> Keyring:
+    """The keyring the settings name (local key files by default, or a PKCS#11 token)."""
+    if settings.key_provider == "pkcs11":
+        from sandbox.datasets.pkcs11 import Pkcs11Keyring
+        if settings.pkcs11_pin_file is None:
+            raise NotInitialised("SANDBOX_PKCS11_PIN_FILE must name the token's PIN file")
+        return Pkcs11Keyring(settings.pkcs11_module, settings.pkcs11_token_label,
+                             settings.pkcs11_pin_file)
+    return LocalKeyring(settings.keys_dir)

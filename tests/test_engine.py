@@ -24,8 +24,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pl.DataFrame]:
     table = generate_enterprises(N, seed=11)
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    path = tmp_path_factory.mktemp("engine") / "data.arrow"
-    frame.write_ipc(path)
+    path = tmp_path_factory.mktemp("engine") / "data.parquet"
+    frame.write_parquet(path)
     return path, frame
 
 

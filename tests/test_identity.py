@@ -46,5 +46,7 @@ def test_expired_revoked_and_disabled_are_refused(api: Api) -> None:
 
 
 def test_key_file_and_tokens_file_are_private(home: Home) -> None:
-    assert home.settings.master_key_path.stat().st_mode & 0o777 == 0o600
+    keys = list(home.settings.keys_dir.glob("master-*.key"))
+    assert len(keys) == 1 and keys[0].stat().st_mode & 0o777 == 0o600
+    assert home.settings.keys_dir.stat().st_mode & 0o777 == 0o700
     assert (home.settings.home / "tokens.json").stat().st_mode & 0o777 == 0o600

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -19,6 +20,25 @@ class ApiError(Exception):
         super().__init__(f"HTTP {status_code}: {detail}")
         self.status_code = status_code
         self.detail = detail
+
+
+class _ProgressReader:
+    """A file wrapper that reports how many bytes have been read (for upload progress)."""
+
+    def __init__(self, handle: BinaryIO, report: Callable[[int], None]) -> None:
+        self._handle = handle
+        self._report = report
+        self._sent = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        self._sent += len(chunk)
+        self._report(self._sent)
+        return chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(1024 * 1024):
+            yield chunk
 
 
 class SandboxClient:
@@ -48,11 +68,25 @@ class SandboxClient:
         return response.json()
 
     # data owner
-    def register_dataset(self, schema_path: Path, data_path: Path) -> dict[str, Any]:
+    def register_dataset(self, schema_path: Path, data_path: Path, *,
+                         progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Upload ``data_path``; ``progress`` is called with the bytes sent so far."""
         with open(data_path, "rb") as data:
+            source: Any = _ProgressReader(data, progress) if progress else data
             return self._call("POST", "/v1/datasets",
                               data={"schema": Path(schema_path).read_text()},
-                              files={"data": (Path(data_path).name, data)})
+                              files={"data": (Path(data_path).name, source)})
+
+    def delete_dataset(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/v1/datasets/{name}")
+
+    def mock_data(self, name: str, *, fmt: str = "csv", rows: int = 1000,
+                  seed: int = 0) -> bytes:
+        response = self._http.get(f"/v1/datasets/{name}/mock",
+                                  params={"format": fmt, "rows": rows, "seed": seed})
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, response.json().get("detail"))
+        return response.content
 
     def draft_policy(self, dataset: str, policy_yaml: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/datasets/{dataset}/policies", json={"yaml": policy_yaml})

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.config import Settings
-from sandbox.datasets.keys import LocalKeyFileProvider
 from sandbox.db import Database
 from sandbox.errors import Conflict
 from sandbox.identity.service import Role, create_organisation, create_user, issue_token
+from sandbox.runtime import open_keyring
 
 #: The demo's people: (role, user name, organisation).
 DEMO_ROLES: tuple[tuple[Role, str, str], ...] = (
@@ -32,12 +32,13 @@ class InitResult:
 def initialise(settings: Settings) -> InitResult:
     """Create everything ``sandbox serve`` needs; refuses an already initialised home."""
     home = settings.home
-    if settings.master_key_path.exists():
+    if (home / "tokens.json").exists():
         raise Conflict(f"{home} is already initialised")
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    settings.master_key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    LocalKeyFileProvider.create(settings.master_key_path)
+    keyring = open_keyring(settings)
+    if not keyring.key_ids():
+        keyring.create_next()
     db = Database(settings.effective_database_url)
     try:
         db.migrate()

@@ -26,6 +26,8 @@ policy_app = typer.Typer(help="Data owner: draft and approve policies.", no_args
 job_app = typer.Typer(help="Analyst: submit and follow jobs.", no_args_is_help=True)
 review_app = typer.Typer(help="Reviewer: the review queue.", no_args_is_help=True)
 audit_app = typer.Typer(help="Admin: the audit log.", no_args_is_help=True)
+keys_app = typer.Typer(help="Admin: master keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(policy_app, name="policy")
 app.add_typer(job_app, name="job")
@@ -106,8 +108,33 @@ def demo(rows: Annotated[int, typer.Option(min=1000)] = 1_000_000,
 @dataset_app.command("register")
 def dataset_register(schema: Path, data: Path, url: Url = "http://127.0.0.1:8765",
                      token: Token = "") -> None:
-    """Register DATA (CSV or Parquet) described by SCHEMA (YAML)."""
-    _run(lambda: _client(url, token).register_dataset(schema, data))
+    """Register DATA (CSV or Parquet) described by SCHEMA (YAML), with upload progress."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    size = data.stat().st_size
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"uploading {data.name}", total=size)
+        _run(lambda: _client(url, token).register_dataset(
+            schema, data, progress=lambda sent: bar.update(task, completed=sent)))
+
+
+@dataset_app.command("delete")
+def dataset_delete(name: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """Delete NAME: its data keys are destroyed (crypto-shredding)."""
+    _run(lambda: _client(url, token).delete_dataset(name))
+
+
+@dataset_app.command("mock")
+def dataset_mock(name: str, out: Path, fmt: Annotated[str, typer.Option("--format")] = "csv",
+                 rows: int = 1000, seed: int = 0, url: Url = "http://127.0.0.1:8765",
+                 token: Token = "") -> None:
+    """Download mock data for NAME (generated from its schema alone) to OUT."""
+    try:
+        out.write_bytes(_client(url, token).mock_data(name, fmt=fmt, rows=rows, seed=seed))
+    except ApiError as exc:
+        console.print(f"[red]error {exc.status_code}:[/red] {exc.detail}")
+        raise typer.Exit(1) from None
+    console.print(f"wrote {out}")
 
 
 @dataset_app.command("list")
@@ -173,6 +200,43 @@ def review_approve(job_id: str, url: Url = "http://127.0.0.1:8765", token: Token
 def review_reject(job_id: str, reason: str, url: Url = "http://127.0.0.1:8765",
                   token: Token = "") -> None:
     _run(lambda: _client(url, token).reject(job_id, reason))
+
+
+@keys_app.command("rotate")
+def keys_rotate(retire: Annotated[bool, typer.Option(help="Destroy old master keys after")]
+                = False) -> None:
+    """Rewrap every data key under a new master key (no data is re-encrypted)."""
+    from sandbox.datasets.lifecycle import rotate_master_key
+    from sandbox.runtime import Runtime
+    runtime = Runtime.open(_settings())
+    try:
+        rotation = rotate_master_key(runtime.db, runtime.keys, retire_old=retire)
+    finally:
+        runtime.close()
+    console.print(f"new master key {rotation.new_key_id}; rewrapped {rotation.rewrapped} data "
+                  f"key(s); retired {list(rotation.retired) or 'none'}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """The master keys held and how many data keys each wraps."""
+    from sqlalchemy import func, select
+
+    from sandbox.db.models import DatasetVersion
+    from sandbox.runtime import Runtime
+    runtime = Runtime.open(_settings())
+    try:
+        with runtime.db.transaction() as session:
+            counts = dict(session.execute(
+                select(DatasetVersion.key_id, func.count()).where(
+                    DatasetVersion.wrapped_key.is_not(None)).group_by(DatasetVersion.key_id)
+            ).tuples().all())
+        current = runtime.keys.current().key_id
+        for key_id in runtime.keys.key_ids():
+            mark = " (current)" if key_id == current else ""
+            console.print(f"{key_id}{mark}: wraps {counts.get(key_id, 0)} data key(s)")
+    finally:
+        runtime.close()
 
 
 @audit_app.command("verify")

@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = 0.2
     lease_seconds: float = 60.0
     max_attempts: int = 3
+    key_provider: Literal["local", "pkcs11"] = "local"
+    pkcs11_module: Path = Path("/usr/lib/softhsm/libsofthsm2.so")
+    pkcs11_token_label: str = "sandbox"
+    pkcs11_pin_file: Path | None = None
+    decrypted_cache_bytes: int = Field(
+        default=2 * 1024**3, description="Worker's in-memory cache of decrypted datasets"
+    )
     tmpfs_dir: Path = Field(
         default=Path("/dev/shm"), description="RAM-backed directory for transient plaintext"
     )
@@ -47,8 +54,9 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.home / 'sandbox.db'}"
 
     @property
-    def master_key_path(self) -> Path:
-        return self.home / "keys" / "master.key"
+    def keys_dir(self) -> Path:
+        """Where the local keyring keeps its 0600 master key files."""
+        return self.home / "keys"
 
     @property
     def data_dir(self) -> Path:

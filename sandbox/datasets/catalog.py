@@ -1,33 +1,32 @@
 """Registering datasets and giving the broker their plaintext, in RAM only.
 
-``register`` validates the owner's file against the schema, encrypts it under a fresh
-data key wrapped by the master key, and records the version, its budget account and an
-audit event in one transaction; the encrypted file is written first and removed again if
-the transaction fails, so nothing is half-stored.
+``register`` streams the owner's file through validation into the encrypted store under
+a fresh data key wrapped by the master key, then records the version, its budget account
+and audit events in one transaction; the encrypted file is removed again if anything
+fails, so nothing is half-stored.
 
-``plaintext_ipc`` decrypts a version into a 0600 Arrow IPC file inside a private 0700
-directory on a RAM-backed filesystem (``/dev/shm`` by default) for OpenDP's lazy scan,
-and deletes it when the block ends: plaintext never reaches persistent disk.
+``unwrap_data_key`` gives the broker a version's data key, or an error naming the
+dataset; decryption and the RAM-only plaintext live in ``store`` and ``cache``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sandbox.audit import record
 from sandbox.datasets import store
-from sandbox.datasets.ingest import read_validated
-from sandbox.datasets.keys import KeyProvider, new_data_key
+from sandbox.datasets.ingest import iter_validated_batches
+from sandbox.datasets.keyring import Keyring
+from sandbox.datasets.keys import KeyUnavailable, new_data_key
 from sandbox.datasets.schema import DatasetSchema
-from sandbox.db.models import Dataset, DatasetVersion
+from sandbox.db import Database
+from sandbox.db.models import Dataset, DatasetVersion, new_id
 from sandbox.errors import Conflict, NotFound
 from sandbox.identity.service import Principal
 from sandbox.privacy import ledger
@@ -38,45 +37,63 @@ def key_context(dataset_id: str, version: int) -> bytes:
     return f"sandbox-data-key:{dataset_id}:{version}".encode()
 
 
-def register(session: Session, *, principal: Principal, schema: DatasetSchema, source: Path,
-             data_dir: Path, keys: KeyProvider, max_bytes: int | None = None) -> DatasetVersion:
-    """Register ``source`` as a new dataset, or a new version of the owner's dataset."""
-    table = read_validated(source, schema, max_bytes=max_bytes)
-    dataset = session.scalar(select(Dataset).where(Dataset.name == schema.name,
-                                                   Dataset.deleted_at.is_(None)))
-    if dataset is None:
-        dataset = Dataset(name=schema.name, title=schema.title, description=schema.description,
-                          owner_org_id=principal.org_id, created_by=principal.user_id)
-        session.add(dataset)
-        session.flush()
-        ledger.open_account(session, dataset.id)
-        record(session, actor_id=principal.user_id, action="dataset.created",
-               object_type="dataset", object_id=dataset.id, detail={"name": schema.name})
-    elif dataset.owner_org_id != principal.org_id:
-        raise Conflict(f"dataset name {schema.name!r} is taken by another organisation")
-    version = (session.scalar(select(func.max(DatasetVersion.version))
-                              .where(DatasetVersion.dataset_id == dataset.id)) or 0) + 1
+def register(db: Database, *, principal: Principal, schema: DatasetSchema, source: Path,
+             data_dir: Path, keys: Keyring, max_bytes: int | None = None,
+             progress: Callable[[int], None] | None = None) -> str:
+    """Register ``source`` as a new dataset, or a new version of the owner's dataset.
+
+    Streams the file through validation into the encrypted store *outside* any database
+    transaction (a large ingest must not hold the database lock), then records the
+    dataset, version, budget account and audit events in one short transaction. A file
+    rejected half-way, or a failed transaction, leaves no file and no rows. Returns the
+    dataset id.
+    """
+    with db.transaction() as session:
+        dataset = session.scalar(select(Dataset).where(Dataset.name == schema.name,
+                                                       Dataset.deleted_at.is_(None)))
+        if dataset is not None and dataset.owner_org_id != principal.org_id:
+            raise Conflict(f"dataset name {schema.name!r} is taken by another organisation")
+        dataset_id = dataset.id if dataset is not None else new_id()
+        version = 1 if dataset is None else (session.scalar(
+            select(func.max(DatasetVersion.version))
+            .where(DatasetVersion.dataset_id == dataset_id)) or 0) + 1
     data_key = new_data_key()
-    storage_file = f"{dataset.id}-v{version}-{secrets.token_hex(4)}.sbxenc"
+    master = keys.current()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target = data_dir / storage_file
-    info = store.encrypt_table(table, target, data_key, dataset_id=dataset.id, version=version)
+    target = data_dir / f"{dataset_id}-v{version}-{secrets.token_hex(4)}.sbxenc"
+    info = store.write_encrypted_parquet(
+        iter_validated_batches(source, schema, max_bytes=max_bytes, progress=progress),
+        schema.arrow_schema(), target, data_key, dataset_id=dataset_id, version=version)
     try:
-        row = DatasetVersion(
-            dataset_id=dataset.id, version=version, schema_yaml=schema.to_yaml(),
-            storage_file=storage_file,
-            wrapped_key=keys.wrap(data_key, context=key_context(dataset.id, version)),
-            key_id=keys.key_id, ciphertext_sha256=info.ciphertext_sha256,
-            plaintext_bytes=info.plaintext_bytes, row_count=table.num_rows)
-        session.add(row)
-        session.flush()
-        record(session, actor_id=principal.user_id, action="dataset.version_added",
-               object_type="dataset", object_id=dataset.id,
-               detail={"version": version, "sha256": info.ciphertext_sha256})
+        with db.transaction() as session:
+            if dataset is None:
+                session.add(Dataset(id=dataset_id, name=schema.name, title=schema.title,
+                                    description=schema.description,
+                                    owner_org_id=principal.org_id,
+                                    created_by=principal.user_id))
+                session.flush()
+                ledger.open_account(session, dataset_id)
+                record(session, actor_id=principal.user_id, action="dataset.created",
+                       object_type="dataset", object_id=dataset_id,
+                       detail={"name": schema.name})
+            session.add(DatasetVersion(
+                dataset_id=dataset_id, version=version, schema_yaml=schema.to_yaml(),
+                storage_file=target.name,
+                wrapped_key=master.wrap(data_key, context=key_context(dataset_id, version)),
+                key_id=master.key_id, ciphertext_sha256=info.ciphertext_sha256,
+                plaintext_bytes=info.plaintext_bytes, row_count=info.row_count))
+            session.flush()
+            record(session, actor_id=principal.user_id, action="dataset.version_added",
+                   object_type="dataset", object_id=dataset_id,
+                   detail={"version": version, "sha256": info.ciphertext_sha256})
+    except IntegrityError:
+        target.unlink(missing_ok=True)
+        raise Conflict(f"dataset {schema.name!r} was registered concurrently (version "
+                       f"{version}); retry the upload") from None
     except BaseException:
         target.unlink(missing_ok=True)
         raise
-    return row
+    return dataset_id
 
 
 def get_dataset(session: Session, name: str) -> Dataset:
@@ -99,29 +116,15 @@ def schema_of(version: DatasetVersion) -> DatasetSchema:
     return DatasetSchema.from_yaml(version.schema_yaml)
 
 
-@contextlib.contextmanager
-def plaintext_ipc(version: DatasetVersion, *, data_dir: Path, keys: KeyProvider,
-                  tmpfs_dir: Path) -> Iterator[Path]:
-    """Decrypt ``version`` to a 0600 Arrow IPC file in RAM; removed when the block ends."""
+def unwrap_data_key(version: DatasetVersion, keys: Keyring) -> bytes:
+    """The version's data key; ``KeyUnavailable`` naming the dataset if it cannot be had."""
     if version.wrapped_key is None:
-        raise NotFound("dataset version has been deleted")
-    data_key = keys.unwrap(version.wrapped_key,
-                           context=key_context(version.dataset_id, version.version))
-    buffer = store.decrypt_to_bytes(data_dir / version.storage_file, data_key,
-                                    dataset_id=version.dataset_id, version=version.version)
-    directory = Path(tempfile.mkdtemp(prefix="sbx-", dir=tmpfs_dir))  # mode 0700
-    path = directory / "data.arrow"
+        raise KeyUnavailable(f"dataset {version.dataset_id} version {version.version}: data "
+                             "key destroyed (dataset deleted)")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer)
-        yield path
-    finally:
-        _wipe(buffer)
-        path.unlink(missing_ok=True)
-        directory.rmdir()
+        return keys.provider(version.key_id).unwrap(
+            version.wrapped_key, context=key_context(version.dataset_id, version.version))
+    except KeyUnavailable as exc:
+        raise KeyUnavailable(f"dataset {version.dataset_id} version {version.version}: "
+                             f"{exc}") from None
 
-
-def _wipe(buffer: bytearray) -> None:
-    """Overwrite a plaintext buffer before it is freed (best effort in Python)."""
-    buffer[:] = bytes(len(buffer))

@@ -1,98 +1,75 @@
-"""The encrypted envelope: a dataset version as AES-256-GCM chunks of an Arrow IPC file.
+"""Dataset versions at rest: a zstd Parquet file, encrypted as it is written.
 
-File layout (all integers big-endian)::
+:func:`write_encrypted_parquet` streams record batches through a Parquet writer whose
+output is sealed chunk by chunk (format 2, see :mod:`sandbox.datasets.envelope`: the
+STREAM online-AE construction over AES-256-GCM, binding dataset id, version, file id,
+chunk index and a final-chunk flag).  :func:`decrypt_to_bytes` authenticates a file
+into one buffer holding the Parquet file; :func:`load_table` reads it into Arrow.
 
-    b"SBXENC1\\n"                       magic, 8 bytes
-    header_len                          uint32
-    header                              JSON, UTF-8, sorted keys: format, dataset_id,
-                                        version, chunk_size, chunk_count,
-                                        plaintext_bytes, payload, file_id
-    chunk_count x [ nonce (12) | ciphertext (len_i) | tag (16) ]
-
-Every chunk but the last holds ``chunk_size`` plaintext bytes.  The associated data of
-chunk ``i`` is ``b"SBXENC1-chunk" | sha256(magic | header_len | header) | i | count``:
-the header names the dataset id, version, sizes and a random per-file id, so a chunk
-that is flipped, moved, swapped in from another file (even of the same dataset) or
-dropped, and any edit of the header, fails authentication.  The file size must match
-the header exactly, so truncation and appended data are detected before decryption.
-
-Payload: an *uncompressed* Arrow IPC **file** (random-access format, with footer).
-Ciphertext does not compress, and an uncompressed IPC file is loaded zero-copy
-(``pa.ipc.open_file`` over the decrypted buffer) or, written as-is to a 0600 file in RAM,
-memory-mapped by ``polars.scan_ipc`` (which needs the file format's footer; the stream
-format would not do).  Loading therefore costs one AES-GCM pass (several GB/s) and no
-decompression or copy, which is what the broker needs.  Disk use is higher than zstd
-Parquet; that trade is deliberate.
-
-Plaintext only ever exists in memory here; files are written 0600, atomically.
+Plaintext only ever exists in memory: records are encrypted as the Parquet writer emits
+bytes and appended to a 0600 temporary file in the target directory, which is fsynced
+and renamed into place only when the whole payload has been written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import secrets
-import struct
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
-from cryptography.exceptions import InvalidTag
+import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sandbox.datasets.envelope import (
+    CHUNK_SIZE,
+    FORMAT_VERSION,
+    LEN,
+    MAGIC,
+    MAX_CHUNK_SIZE,
+    MAX_HEADER_BYTES,
+    PAYLOAD,
+    EncryptingSink,
+    Fail,
+    IntegrityError,
+    decrypt_records,
+    header_prefix,
+    layout,
+    parse_header,
+)
 
 __all__ = [
     "CHUNK_SIZE",
+    "FORMAT_VERSION",
     "IntegrityError",
     "StoredFileInfo",
     "decrypt_to_bytes",
     "encrypt_table",
     "load_table",
+    "write_encrypted_parquet",
 ]
 
-MAGIC = b"SBXENC1\n"
-FORMAT_VERSION = 1
-#: Plaintext bytes per chunk.
-CHUNK_SIZE = 4 * 1024 * 1024
-_MAX_CHUNK_SIZE = 64 * 1024 * 1024
-_MAX_HEADER_BYTES = 64 * 1024
-_NONCE = 12
-_TAG = 16
-_LEN = struct.Struct(">I")
-_PAYLOAD = "arrow-ipc-file"
-_HEADER_KEYS = frozenset(
-    {
-        "format",
-        "dataset_id",
-        "version",
-        "chunk_size",
-        "chunk_count",
-        "plaintext_bytes",
-        "payload",
-        "file_id",
-    }
-)
-
-
-class IntegrityError(Exception):
-    """A stored file is not the expected, untampered dataset version.
-
-    The message names the expected dataset id and version and the reason; it never
-    contains plaintext.
-    """
+#: Rows per Parquet row group (large groups scan fast; memory is about one group).
+ROW_GROUP_ROWS = 1_048_576
 
 
 @dataclass(frozen=True)
 class StoredFileInfo:
-    """What :func:`encrypt_table` wrote: the path, the SHA-256 (hex) of the whole stored
-    file, the plaintext (Arrow IPC file) length and the number of chunks."""
+    """What :func:`write_encrypted_parquet` wrote: the path, the SHA-256 (hex) of the
+    whole stored file, the plaintext (Parquet file) length, the number of chunks and
+    the number of data rows."""
 
     path: Path
     ciphertext_sha256: str
     plaintext_bytes: int
     chunk_count: int
+    row_count: int
 
 
 def _check_args(data_key: bytes, dataset_id: str, version: int) -> None:
@@ -104,17 +81,103 @@ def _check_args(data_key: bytes, dataset_id: str, version: int) -> None:
         raise ValueError(f"version must be a non-negative int, got {version!r}")
 
 
-def _chunk_count(plaintext_bytes: int, chunk_size: int) -> int:
-    return max(1, -(-plaintext_bytes // chunk_size))
+def write_encrypted_parquet(
+    batches: Iterable[pa.RecordBatch],
+    arrow_schema: pa.Schema,
+    out_path: Path,
+    data_key: bytes,
+    *,
+    dataset_id: str,
+    version: int,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    chunk_size: int = CHUNK_SIZE,
+) -> StoredFileInfo:
+    """Write ``batches`` as one zstd Parquet file, encrypted as it streams, to ``out_path``.
+
+    Batches must match ``arrow_schema``; they are regrouped into row groups of
+    ``row_group_rows`` rows (the last may be smaller), so memory is about one row group
+    plus one chunk whatever the number of rows.  The file is written to a 0600 temporary
+    file in ``out_path``'s directory, fsynced, moved into place with ``os.replace`` and
+    the directory fsynced.  On ANY exception, including one raised by the ``batches``
+    iterator (e.g. an ``IngestError`` found late in the input), the temporary file is
+    removed, ``out_path`` is untouched and the exception propagates.  ``chunk_size`` is
+    for tests; keep the default otherwise.
+    """
+    _check_args(data_key, dataset_id, version)
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_SIZE}")
+    if row_group_rows < 1:
+        raise ValueError("row_group_rows must be positive")
+    out_path = Path(out_path)
+    prefix = header_prefix(
+        {
+            "format": FORMAT_VERSION,
+            "dataset_id": dataset_id,
+            "version": version,
+            "chunk_size": chunk_size,
+            "payload": PAYLOAD,
+            "file_id": secrets.token_hex(16),
+        }
+    )
+    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    sink: EncryptingSink | None = None
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            os.fchmod(raw.fileno(), 0o600)  # mkstemp's mode already; made explicit
+            sink = EncryptingSink(raw, prefix, data_key, chunk_size)
+            rows = _write_parquet(batches, arrow_schema, sink, row_group_rows)
+            sink.finish()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_name, out_path)
+    except BaseException:
+        if sink is not None:
+            sink.aborted = True
+            sink.wipe()
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(out_path.parent)
+    return StoredFileInfo(
+        path=out_path,
+        ciphertext_sha256=sink.hasher.hexdigest(),
+        plaintext_bytes=sink.position,
+        chunk_count=sink.chunks,
+        row_count=rows,
+    )
 
 
-def _aad(header_digest: bytes, index: int, count: int) -> bytes:
-    return b"SBXENC1-chunk" + header_digest + struct.pack(">QQ", index, count)
-
-
-def _header_prefix(header: dict[str, Any]) -> bytes:
-    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return MAGIC + _LEN.pack(len(body)) + body
+def _write_parquet(
+    batches: Iterable[pa.RecordBatch], schema: pa.Schema, sink: EncryptingSink, group: int
+) -> int:
+    """Regroup ``batches`` into row groups of ``group`` rows and write them to ``sink``."""
+    writer = pq.ParquetWriter(sink, schema, compression="zstd")
+    pending: list[pa.RecordBatch] = []
+    pending_rows = rows = 0
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            while pending_rows >= group:
+                table = pa.Table.from_batches(pending, schema=schema)
+                writer.write_table(table.slice(0, group), row_group_size=group)
+                rest = table.slice(group)
+                pending, pending_rows = rest.to_batches(), rest.num_rows
+                rows += group
+                del table, rest
+                pa.default_memory_pool().release_unused()  # keep the peak at ~1 row group
+        if pending_rows or rows == 0:
+            table = pa.Table.from_batches(pending, schema=schema)
+            writer.write_table(table, row_group_size=group)
+            rows += pending_rows
+    except BaseException:
+        sink.aborted = True
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+    writer.close()
+    return rows
 
 
 def encrypt_table(
@@ -125,64 +188,19 @@ def encrypt_table(
     dataset_id: str,
     version: int,
     chunk_size: int = CHUNK_SIZE,
+    row_group_rows: int = ROW_GROUP_ROWS,
 ) -> StoredFileInfo:
-    """Serialise ``table`` as an uncompressed Arrow IPC file, encrypt it and write it.
-
-    The file is written to a temporary file in ``out_path``'s directory (mode 0600),
-    fsynced and moved into place with ``os.replace``; on any failure the temporary file
-    is removed and ``out_path`` is untouched.  ``chunk_size`` is for tests; keep the
-    default otherwise.
-    """
+    """Encrypt an in-memory table: :func:`write_encrypted_parquet` over its batches."""
     _check_args(data_key, dataset_id, version)
-    if not 0 < chunk_size <= _MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk_size must be in 1..{_MAX_CHUNK_SIZE}")
-    out_path = Path(out_path)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    plaintext = memoryview(sink.getvalue()).cast("B")  # pyarrow exports format "b"
-    size = plaintext.nbytes
-    count = _chunk_count(size, chunk_size)
-    prefix = _header_prefix(
-        {
-            "format": FORMAT_VERSION,
-            "dataset_id": dataset_id,
-            "version": version,
-            "chunk_size": chunk_size,
-            "chunk_count": count,
-            "plaintext_bytes": size,
-            "payload": _PAYLOAD,
-            "file_id": secrets.token_hex(16),
-        }
-    )
-    digest = hashlib.sha256(prefix).digest()
-    aead = AESGCM(bytes(data_key))
-    hasher = hashlib.sha256(prefix)
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(prefix)
-            out = bytearray(_NONCE + min(chunk_size, size) + _TAG)
-            out_view = memoryview(out)
-            for i in range(count):
-                piece = plaintext[i * chunk_size : (i + 1) * chunk_size]
-                record = out_view[: _NONCE + len(piece) + _TAG]
-                record[:_NONCE] = secrets.token_bytes(_NONCE)
-                aead.encrypt_into(
-                    bytes(record[:_NONCE]), piece, _aad(digest, i, count), record[_NONCE:]
-                )
-                hasher.update(record)
-                fh.write(record)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(out_path.parent)
-    return StoredFileInfo(
-        path=out_path, ciphertext_sha256=hasher.hexdigest(), plaintext_bytes=size, chunk_count=count
+    return write_encrypted_parquet(
+        table.to_batches(),
+        table.schema,
+        out_path,
+        data_key,
+        dataset_id=dataset_id,
+        version=version,
+        row_group_rows=row_group_rows,
+        chunk_size=chunk_size,
     )
 
 
@@ -200,109 +218,66 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dfd)
 
 
-def _parse_header(raw: bytes, fail: Any) -> dict[str, Any]:
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise fail("header is not valid JSON") from None
-    if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
-        raise fail("header has unexpected fields")
-    ints = ("format", "version", "chunk_size", "chunk_count", "plaintext_bytes")
-    if any(isinstance(header[k], bool) or not isinstance(header[k], int) for k in ints):
-        raise fail("header field types are wrong")
-    if header["format"] != FORMAT_VERSION or header["payload"] != _PAYLOAD:
-        raise fail(f"unsupported format {header['format']!r}")
-    if not 0 < header["chunk_size"] <= _MAX_CHUNK_SIZE or header["plaintext_bytes"] < 0:
-        raise fail("header sizes are out of range")
-    if header["chunk_count"] != _chunk_count(header["plaintext_bytes"], header["chunk_size"]):
-        raise fail("header chunk count is inconsistent")
-    return header
-
-
 def decrypt_to_bytes(path: Path, data_key: bytes, *, dataset_id: str, version: int) -> bytearray:
-    """Decrypt and authenticate a stored file into one preallocated ``bytearray``.
+    """Decrypt and authenticate a stored file into one preallocated ``bytearray`` holding
+    the Parquet file.
 
-    Raises :class:`IntegrityError` (naming ``dataset_id`` and ``version``) on a bad magic,
-    a header that does not name this dataset version, a truncated or extended file or
-    any chunk failing authentication (which includes a wrong data key); on failure no
-    partial plaintext is returned and the buffer is zeroed.  ``OSError`` propagates
-    (e.g. a missing file).
+    Raises :class:`IntegrityError` (naming ``dataset_id`` and ``version``, never
+    plaintext) on a bad magic, a header that does not name this dataset version, a length
+    that cannot be full chunks plus one final chunk, or any chunk failing authentication
+    (tampered, reordered, swapped, truncated or dropped chunks, or the wrong data key);
+    on failure the buffer is zeroed and not returned.  ``OSError`` propagates (e.g. a
+    missing file).
     """
     _check_args(data_key, dataset_id, version)
-
-    def fail(reason: str) -> IntegrityError:
-        return IntegrityError(
-            f"encrypted file for dataset {dataset_id!r} version {version} "
-            f"failed the integrity check: {reason}"
-        )
-
-    with open(path, "rb") as fh:
+    fail = Fail(dataset_id, version)
+    with open(path, "rb", buffering=0) as fh:
         file_size = os.fstat(fh.fileno()).st_size
-        start = fh.read(len(MAGIC) + _LEN.size)
-        if len(start) < len(MAGIC) + _LEN.size or start[: len(MAGIC)] != MAGIC:
-            raise fail("bad magic (not a sandbox encrypted file, or truncated)")
-        (header_len,) = _LEN.unpack(start[len(MAGIC) :])
-        if header_len > _MAX_HEADER_BYTES:
+        start = fh.read(len(MAGIC) + LEN.size)
+        if len(start) < len(MAGIC) + LEN.size or start[: len(MAGIC)] != MAGIC:
+            raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)")
+        (header_len,) = LEN.unpack(start[len(MAGIC) :])
+        if header_len > MAX_HEADER_BYTES:
             raise fail("header is too large")
         raw_header = fh.read(header_len)
         if len(raw_header) != header_len:
             raise fail("file is truncated inside the header")
-        header = _parse_header(raw_header, fail)
+        header = parse_header(raw_header, fail)
         if header["dataset_id"] != dataset_id or header["version"] != version:
             raise fail(
                 f"file belongs to dataset {header['dataset_id']!r} version {header['version']!r}"
             )
-        size, chunk_size, count = (
-            header["plaintext_bytes"],
-            header["chunk_size"],
-            header["chunk_count"],
-        )
-        expected = len(start) + header_len + count * (_NONCE + _TAG) + size
-        if file_size < expected:
-            raise fail(f"file is truncated ({file_size} of {expected} bytes)")
-        if file_size > expected:
-            raise fail(f"file has {file_size - expected} unexpected trailing bytes")
+        chunk_size = header["chunk_size"]
+        body = file_size - len(start) - header_len
+        count, size = layout(body, chunk_size, fail)
         digest = hashlib.sha256(start + raw_header).digest()
-        aead = AESGCM(bytes(data_key))
         out = bytearray(size)
-        out_view = memoryview(out)
-        record = bytearray(_NONCE + min(chunk_size, size) + _TAG)
-        record_view = memoryview(record)
         try:
-            for i in range(count):
-                n = min(chunk_size, size - i * chunk_size)
-                rec = record_view[: _NONCE + n + _TAG]
-                if fh.readinto(rec) != len(rec):
-                    raise fail(f"file is truncated in chunk {i} of {count}")
-                try:
-                    aead.decrypt_into(
-                        bytes(rec[:_NONCE]),
-                        rec[_NONCE:],
-                        _aad(digest, i, count),
-                        out_view[i * chunk_size : i * chunk_size + n],
-                    )
-                except InvalidTag:
-                    raise fail(
-                        f"chunk {i} of {count} failed authentication (tampered, reordered, "
-                        "swapped or truncated data, or the wrong data key)"
-                    ) from None
+            decrypt_records(fh, AESGCM(bytes(data_key)), digest, out, count, chunk_size, fail)
         except BaseException:
-            out_view[:] = bytes(size)
+            np.frombuffer(out, dtype=np.uint8).fill(0)
             raise
     return out
 
 
 def load_table(path: Path, data_key: bytes, *, dataset_id: str, version: int) -> pa.Table:
-    """Decrypt a stored file and open it as an Arrow table (zero-copy over the buffer).
+    """Decrypt a stored file and read its Parquet payload into an Arrow table.
 
     Same errors as :func:`decrypt_to_bytes`; a payload that authenticates but is not a
-    valid Arrow IPC file also raises :class:`IntegrityError`.
+    readable Parquet file also raises :class:`IntegrityError`.  The decrypted buffer is
+    zeroed once the table is read (the table does not reference it).
     """
     buf = decrypt_to_bytes(path, data_key, dataset_id=dataset_id, version=version)
     try:
-        return pa.ipc.open_file(pa.py_buffer(buf)).read_all()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise IntegrityError(
-            f"encrypted file for dataset {dataset_id!r} version {version} "
-            "does not hold an Arrow IPC file"
-        ) from None
+        return pq.read_table(pa.BufferReader(pa.py_buffer(buf)))
+    except (pa.ArrowException, OSError):
+        raise _not_parquet(dataset_id, version) from None
+    finally:
+        np.frombuffer(buf, dtype=np.uint8).fill(0)
+
+
+def _not_parquet(dataset_id: str, version: int) -> IntegrityError:
+    return IntegrityError(
+        f"encrypted file for dataset {dataset_id!r} version {version} "
+        "does not hold a readable Parquet file"
+    )

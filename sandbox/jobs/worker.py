@@ -23,8 +23,10 @@ from typing import Any
 from sqlalchemy import select
 
 from sandbox.config import Settings
-from sandbox.datasets import catalog
-from sandbox.datasets.keys import KeyProvider
+from sandbox.datasets import catalog, store
+from sandbox.datasets.cache import DecryptedCache, materialise, reap_orphans
+from sandbox.datasets.keyring import Keyring
+from sandbox.datasets.keys import KeyUnavailable
 from sandbox.db import Database
 from sandbox.db.models import DatasetVersion, Job, JobResult, Policy
 from sandbox.errors import SandboxError
@@ -44,27 +46,32 @@ GENERIC_FAILURE = ("the query could not be answered on the data; its budget stay
 class Worker:
     """One worker process's loop. ``run_once`` is safe to call from tests."""
 
-    def __init__(self, settings: Settings, db: Database, keys: KeyProvider,
+    def __init__(self, settings: Settings, db: Database, keys: Keyring,
                  worker_id: str | None = None) -> None:
         self.settings = settings
         self.db = db
         self.keys = keys
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
+        self.cache = DecryptedCache(settings.decrypted_cache_bytes)
+        reap_orphans(settings.tmpfs_dir)
 
     def stop(self) -> None:
         self._stop.set()
 
     def run_forever(self) -> None:
         log.info("worker %s started", self.worker_id)
-        while not self._stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:  # keep the worker alive; the job's lease will expire
-                log.exception("worker loop error")
-                worked = False
-            if not worked:
-                self._stop.wait(self.settings.worker_poll_seconds)
+        try:
+            while not self._stop.is_set():
+                try:
+                    worked = self.run_once()
+                except Exception:  # keep the worker alive; the job's lease will expire
+                    log.exception("worker loop error")
+                    worked = False
+                if not worked:
+                    self._stop.wait(self.settings.worker_poll_seconds)
+        finally:
+            self.cache.clear()
 
     def run_once(self) -> bool:
         """Claim and process one job; ``False`` if the queue was empty."""
@@ -93,7 +100,14 @@ class Worker:
             prepared = engine.prepare(spec, catalog.schema_of(version))
         except Exception:
             log.exception("job %s: could not build the measurement", claimed.job_id)
-            self._fail(claimed, "the query could not be planned")
+            self._fail(claimed, "the query could not be planned; nothing was charged")
+            return
+        try:  # keys are not data: a missing key fails the job before any charge
+            data_key = catalog.unwrap_data_key(version, self.keys)
+        except KeyUnavailable as exc:
+            log.error("job %s: %s", claimed.job_id, exc)
+            self._fail(claimed, "the dataset's key is not available (deleted dataset or "
+                                "missing master key); nothing was charged")
             return
         try:
             with fenced(self.db, claimed) as (session, job):
@@ -104,7 +118,7 @@ class Worker:
             self._fail(claimed, str(exc))
             return
         try:
-            content = self._run(claimed, prepared, version)
+            content = self._run(claimed, prepared, version, data_key)
         except LeaseLost:
             raise
         except Exception:
@@ -113,11 +127,15 @@ class Worker:
             return
         self._complete(claimed, content)
 
-    def _run(self, claimed: Claim, prepared: engine.PreparedQuery,
-             version: DatasetVersion) -> dict[str, Any]:
+    def _run(self, claimed: Claim, prepared: engine.PreparedQuery, version: DatasetVersion,
+             data_key: bytes) -> dict[str, Any]:
         started = time.monotonic()
-        with catalog.plaintext_ipc(version, data_dir=self.settings.data_dir, keys=self.keys,
-                                   tmpfs_dir=self.settings.tmpfs_dir) as path:
+        buffer = self.cache.get(
+            (version.dataset_id, version.version, version.ciphertext_sha256),
+            lambda: store.decrypt_to_bytes(self.settings.data_dir / version.storage_file,
+                                           data_key, dataset_id=version.dataset_id,
+                                           version=version.version))
+        with materialise(buffer, self.settings.tmpfs_dir) as path:
             heartbeat(self.db, claimed, lease_seconds=self.settings.lease_seconds)
             content = engine.execute(prepared, path)
         log.info("job %s answered in %.2fs", claimed.job_id, time.monotonic() - started)

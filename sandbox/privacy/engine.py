@@ -8,7 +8,7 @@ binary-searches the noise scale (about 4 s a query). The privacy loss of a Lapla
 measurement is inversely proportional to its scale, so the engine measures the loss at
 scale 1, solves for the scale in closed form, and lets OpenDP's own ``check`` confirm the
 measurement fits the budget (nudging the scale up in the rare case rounding says no).
-The data reaches OpenDP as ``scan_ipc`` over a 0600 file in RAM, which OpenDP scans
+The data reaches OpenDP as ``scan_parquet`` over a 0600 file in RAM, which OpenDP scans
 lazily (building a Context over an in-memory frame costs seconds).
 """
 
@@ -81,9 +81,9 @@ def prepare(spec: QuerySpec, schema: DatasetSchema) -> PreparedQuery:
                          epsilon=float(measurement.map(d_in)))
 
 
-def execute(prepared: PreparedQuery, ipc_path: Path) -> dict[str, Any]:
-    """Run the measurement over the dataset at ``ipc_path`` and return the released table."""
-    data = pl.scan_ipc(ipc_path).select(list(prepared.columns))
+def execute(prepared: PreparedQuery, parquet_path: Path) -> dict[str, Any]:
+    """Run the measurement over the Parquet dataset at ``parquet_path``; the released table."""
+    data = pl.scan_parquet(parquet_path).select(list(prepared.columns))
     try:
         frame = prepared.measurement(data).collect()
     except Exception as exc:  # data-dependent: callers turn it into one generic error

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
+from sandbox.api.ownership import check_dataset_owner
 from sandbox.api.uploads import receive_multipart
-from sandbox.datasets import catalog
+from sandbox.datasets import catalog, lifecycle, mock
 from sandbox.datasets.schema import DatasetSchema
 from sandbox.db.models import Dataset, DatasetVersion, Organisation
 from sandbox.errors import Invalid
 from sandbox.identity.service import Principal, Role
+from sandbox.runtime import Runtime
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -43,19 +46,51 @@ async def register_dataset(request: Request, runtime: RuntimeDep,
         return await asyncio.to_thread(_register, runtime, principal, schema, source)
 
 
-def _register(runtime: Any, principal: Principal, schema: DatasetSchema,
-              source: Any) -> dict[str, Any]:
+def _register(runtime: Runtime, principal: Principal, schema: DatasetSchema,
+              source: Path) -> dict[str, Any]:
     with runtime.db.transaction() as session:
         org = session.get(Organisation, principal.org_id)
         if org is None or schema.owner_organisation != org.name:
             raise Invalid(f"schema.owner_organisation: must be your organisation "
                           f"{org.name if org else '?'!r}")
-        version = catalog.register(session, principal=principal, schema=schema, source=source,
-                                   data_dir=runtime.settings.data_dir, keys=runtime.keys,
-                                   max_bytes=runtime.settings.max_upload_bytes)
-        dataset = session.get(Dataset, version.dataset_id)
+    dataset_id = catalog.register(runtime.db, principal=principal, schema=schema,
+                                  source=source, data_dir=runtime.settings.data_dir,
+                                  keys=runtime.keys,
+                                  max_bytes=runtime.settings.max_upload_bytes)
+    with runtime.db.transaction() as session:
+        dataset = session.get(Dataset, dataset_id)
         assert dataset is not None
         return dataset_view(session, dataset, principal)
+
+
+@router.delete("/{name}", summary="Delete a dataset: its data keys are destroyed (owner)")
+def delete_dataset(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
+    with runtime.db.transaction() as session:
+        dataset = catalog.get_dataset(session, name)
+        check_dataset_owner(principal, dataset)
+        dataset_id = dataset.id
+    destroyed = lifecycle.delete_dataset(runtime.db, dataset_id, actor_id=principal.user_id,
+                                         data_dir=runtime.settings.data_dir)
+    return {"name": name, "deleted": True, "versions_shredded": destroyed}
+
+
+@router.get("/{name}/mock", summary="Mock data generated from the schema alone (no real rows)",
+            response_class=Response,
+            responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+def mock_data(name: str, runtime: RuntimeDep, principal: PrincipalDep,
+              format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
+              rows: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+              seed: Annotated[int, Query(ge=0, le=2**31)] = 0) -> Response:
+    with runtime.db.transaction() as session:
+        schema = catalog.schema_of(catalog.latest_version(session, catalog.get_dataset(session,
+                                                                                        name)))
+    table = mock.generate_mock(schema, rows, seed)
+    if format == "csv":
+        return Response(mock.mock_csv_bytes(table), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{name}-mock.csv"'})
+    return Response(mock.mock_parquet_bytes(table), media_type="application/vnd.apache.parquet",
+                    headers={"Content-Disposition":
+                             f'attachment; filename="{name}-mock.parquet"'})
 
 
 @router.get("", summary="The catalog: every dataset's metadata")

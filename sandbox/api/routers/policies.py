@@ -8,11 +8,11 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
+from sandbox.api.deps import PrincipalDep, RuntimeDep
+from sandbox.api.ownership import check_dataset_owner
 from sandbox.datasets import catalog
-from sandbox.db.models import Dataset, Policy
-from sandbox.errors import Forbidden, NotFound
-from sandbox.identity.service import Principal, Role
+from sandbox.db.models import Policy
+from sandbox.errors import NotFound
 from sandbox.policies import service
 
 router = APIRouter(prefix="/v1/datasets/{name}/policies", tags=["policies"])
@@ -21,13 +21,6 @@ router = APIRouter(prefix="/v1/datasets/{name}/policies", tags=["policies"])
 class PolicyDraft(BaseModel):
     model_config = ConfigDict(extra="forbid")
     yaml: str = Field(min_length=1, max_length=200_000, description="The policy document")
-
-
-def check_dataset_owner(principal: Principal, dataset: Dataset) -> None:
-    """The one ownership check for owner actions on a dataset and its policies."""
-    require_role(principal, Role.OWNER)
-    if dataset.owner_org_id != principal.org_id:
-        raise Forbidden(f"dataset {dataset.name!r} belongs to another organisation")
 
 
 def policy_view(policy: Policy) -> dict[str, Any]:

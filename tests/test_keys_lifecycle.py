@@ -1,0 +1,122 @@
+"""Master-key rotation, crypto-shredding, missing keys, and no plaintext left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import QUERY, Api
+from sqlalchemy import select
+
+from sandbox.datasets.catalog import unwrap_data_key
+from sandbox.datasets.keys import KeyUnavailable
+from sandbox.datasets.lifecycle import rotate_master_key
+from sandbox.db.models import AuditEvent, DatasetVersion
+
+
+def _submit(api: Api) -> str:
+    response = api.as_("analyst").post("/v1/jobs", json={"query": QUERY})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _status(api: Api, job_id: str) -> dict:
+    return api.as_("analyst").get(f"/v1/jobs/{job_id}").json()
+
+
+def _spent(api: Api) -> float:
+    return api.as_("analyst").get("/v1/budget/enterprises").json()["spent_epsilon"]
+
+
+def test_rotation_rewraps_without_reencrypting(ready: Api) -> None:
+    home = ready.home
+    with home.runtime.db.transaction() as session:
+        before = session.scalar(select(DatasetVersion))
+        assert before is not None
+    ciphertext = (home.settings.data_dir / before.storage_file).read_bytes()
+    old_key = before.key_id
+    rotation = rotate_master_key(home.runtime.db, home.runtime.keys, retire_old=True)
+    assert rotation.rewrapped == 1 and rotation.retired == (old_key,)
+    assert home.runtime.keys.key_ids() == [rotation.new_key_id]
+    assert len(list(home.settings.keys_dir.glob("master-*.key"))) == 1
+    with home.runtime.db.transaction() as session:
+        after = session.scalar(select(DatasetVersion))
+        assert after is not None and after.key_id == rotation.new_key_id
+        assert after.wrapped_key != before.wrapped_key
+        actions = list(session.scalars(select(AuditEvent.action)))
+        assert "keys.rotated" in actions and "keys.retired" in actions
+    assert (home.settings.data_dir / after.storage_file).read_bytes() == ciphertext
+    job_id = _submit(ready)
+    home.worker().run_once()
+    assert _status(ready, job_id)["status"] == "pending_review"
+
+
+def test_rotation_keeps_old_key_until_retired(ready: Api) -> None:
+    home = ready.home
+    rotation = rotate_master_key(home.runtime.db, home.runtime.keys, retire_old=False)
+    assert len(home.runtime.keys.key_ids()) == 2 and rotation.retired == ()
+
+
+def test_missing_master_key_fails_closed_naming_the_dataset(ready: Api) -> None:
+    home = ready.home
+    for path in home.settings.keys_dir.glob("master-*.key"):
+        os.unlink(path)
+    home.runtime.keys._cache.clear()  # type: ignore[attr-defined]
+    with home.runtime.db.transaction() as session:
+        version = session.scalar(select(DatasetVersion))
+        assert version is not None
+        with pytest.raises(KeyUnavailable, match=version.dataset_id):
+            unwrap_data_key(version, home.runtime.keys)
+    job_id = _submit(ready)
+    home.worker().run_once()
+    status = _status(ready, job_id)
+    assert status["status"] == "failed" and "key is not available" in status["error"]
+    assert _spent(ready) == 0  # keys are not data: refused before the charge
+
+
+def test_delete_shreds_keys_and_files(ready: Api, demo_files) -> None:
+    home = ready.home
+    queued = _submit(ready)
+    with home.runtime.db.transaction() as session:
+        version = session.scalar(select(DatasetVersion))
+        assert version is not None
+        stored = home.settings.data_dir / version.storage_file
+    assert stored.exists()
+    assert ready.as_("analyst").delete("/v1/datasets/enterprises").status_code == 403
+    response = ready.as_("owner").delete("/v1/datasets/enterprises")
+    assert response.status_code == 200 and response.json()["versions_shredded"] == 1
+    assert not stored.exists()
+    with home.runtime.db.transaction() as session:
+        assert session.scalar(select(DatasetVersion.wrapped_key)) is None
+    assert ready.as_("analyst").get("/v1/datasets/enterprises").status_code == 404
+    assert ready.as_("analyst").get("/v1/datasets").json() == []
+    home.worker().run_once()
+    assert _status(ready, queued)["status"] == "failed"
+    ready.register(demo_files)  # the name is free again, as a new dataset
+    assert ready.as_("owner").get("/v1/datasets/enterprises").status_code == 200
+
+
+def test_no_plaintext_left_after_jobs(ready: Api) -> None:
+    home = ready.home
+    before = set(Path("/dev/shm").iterdir())
+    worker = home.worker()
+    for _ in range(2):
+        _submit(ready)
+        assert worker.run_once()
+    assert worker.cache.misses == 1 and worker.cache.hits == 1
+    leftovers = [p for p in set(Path("/dev/shm").iterdir()) - before
+                 if p.name.startswith("sbx-")]
+    assert leftovers == []
+    assert not any("sbx_" in v or "master" in k.lower() for k, v in os.environ.items()
+                   if k.startswith("SANDBOX"))
+    worker.cache.clear()
+    assert worker.cache.size == 0
+
+
+def test_orphaned_plaintext_is_reaped_at_start(ready: Api) -> None:
+    orphan = Path("/dev/shm") / "sbx-plain-999999999-test"
+    orphan.mkdir()
+    (orphan / "data.parquet").write_bytes(b"x")
+    ready.home.worker()
+    assert not orphan.exists()
