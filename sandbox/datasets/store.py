@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ __all__ = [
     "IntegrityError",
     "StoredFileInfo",
     "decrypt_to_bytes",
+    "decrypted_file",
     "encrypt_table",
     "load_table",
     "write_encrypted_parquet",
@@ -218,6 +220,61 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dfd)
 
 
+@dataclass(frozen=True)
+class _Opened:
+    body: memoryview
+    aead: AESGCM
+    digest: bytes
+    count: int
+    size: int
+    chunk_size: int
+    fail: Fail
+
+
+@contextlib.contextmanager
+def _opened(path: Path, data_key: bytes, dataset_id: str,
+            version: int) -> Iterator[_Opened]:
+    """Map a stored file read-only and check its header."""
+    _check_args(data_key, dataset_id, version)
+    fail = Fail(dataset_id, version)
+    with open(path, "rb", buffering=0) as fh:
+        file_size = os.fstat(fh.fileno()).st_size
+        if file_size < len(MAGIC) + LEN.size:
+            raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)")
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    try:
+        start = bytes(view[: len(MAGIC) + LEN.size])
+        if start[: len(MAGIC)] != MAGIC:
+            raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)")
+        (header_len,) = LEN.unpack(start[len(MAGIC) :])
+        if header_len > MAX_HEADER_BYTES:
+            raise fail("header is too large")
+        raw_header = bytes(view[len(start) : len(start) + header_len])
+        if len(raw_header) != header_len:
+            raise fail("file is truncated inside the header")
+        header = parse_header(raw_header, fail)
+        if header["dataset_id"] != dataset_id or header["version"] != version:
+            raise fail(
+                f"file belongs to dataset {header['dataset_id']!r} version {header['version']!r}"
+            )
+        body = view[len(start) + header_len :]
+        count, size = layout(len(body), header["chunk_size"], fail)
+        digest = hashlib.sha256(start + raw_header).digest()
+        try:
+            yield _Opened(body, AESGCM(bytes(data_key)), digest, count, size,
+                          header["chunk_size"], fail)
+        finally:
+            with contextlib.suppress(BufferError):
+                body.release()
+    finally:
+        # An exception's traceback may still hold slices of the map; then it is closed
+        # when they are collected.
+        with contextlib.suppress(BufferError):
+            view.release()
+            mapped.close()
+
+
 def decrypt_to_bytes(path: Path, data_key: bytes, *, dataset_id: str, version: int) -> bytearray:
     """Decrypt and authenticate a stored file into one preallocated ``bytearray`` holding
     the Parquet file.
@@ -229,35 +286,42 @@ def decrypt_to_bytes(path: Path, data_key: bytes, *, dataset_id: str, version: i
     on failure the buffer is zeroed and not returned.  ``OSError`` propagates (e.g. a
     missing file).
     """
-    _check_args(data_key, dataset_id, version)
-    fail = Fail(dataset_id, version)
-    with open(path, "rb", buffering=0) as fh:
-        file_size = os.fstat(fh.fileno()).st_size
-        start = fh.read(len(MAGIC) + LEN.size)
-        if len(start) < len(MAGIC) + LEN.size or start[: len(MAGIC)] != MAGIC:
-            raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)")
-        (header_len,) = LEN.unpack(start[len(MAGIC) :])
-        if header_len > MAX_HEADER_BYTES:
-            raise fail("header is too large")
-        raw_header = fh.read(header_len)
-        if len(raw_header) != header_len:
-            raise fail("file is truncated inside the header")
-        header = parse_header(raw_header, fail)
-        if header["dataset_id"] != dataset_id or header["version"] != version:
-            raise fail(
-                f"file belongs to dataset {header['dataset_id']!r} version {header['version']!r}"
-            )
-        chunk_size = header["chunk_size"]
-        body = file_size - len(start) - header_len
-        count, size = layout(body, chunk_size, fail)
-        digest = hashlib.sha256(start + raw_header).digest()
-        out = bytearray(size)
+    with _opened(path, data_key, dataset_id, version) as f:
+        out = bytearray(f.size)
         try:
-            decrypt_records(fh, AESGCM(bytes(data_key)), digest, out, count, chunk_size, fail)
+            decrypt_records(f.body, f.aead, f.digest, out, f.count, f.chunk_size, f.fail)
         except BaseException:
             np.frombuffer(out, dtype=np.uint8).fill(0)
             raise
     return out
+
+
+@contextlib.contextmanager
+def decrypted_file(path: Path, data_key: bytes, *, dataset_id: str, version: int,
+                   tmpfs_dir: Path) -> Iterator[Path]:
+    """Decrypt a stored file straight into a 0600 file on tmpfs (one pass, no extra
+    copy) inside a private 0700 directory; both are removed when the block ends.
+
+    Same integrity contract as :func:`decrypt_to_bytes`; on failure nothing is left.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=f"sbx-plain-{os.getpid()}-", dir=tmpfs_dir))
+    target = directory / "data.parquet"
+    try:
+        with _opened(path, data_key, dataset_id, version) as f:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.ftruncate(fd, f.size)
+                if f.size:
+                    with mmap.mmap(fd, f.size) as out:
+                        decrypt_records(f.body, f.aead, f.digest, out, f.count, f.chunk_size,
+                                        f.fail)
+            finally:
+                os.close(fd)
+        yield target
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+        directory.rmdir()
 
 
 def load_table(path: Path, data_key: bytes, *, dataset_id: str, version: int) -> pa.Table:

@@ -102,12 +102,17 @@ class Worker:
             log.exception("job %s: could not build the measurement", claimed.job_id)
             self._fail(claimed, "the query could not be planned; nothing was charged")
             return
-        try:  # keys are not data: a missing key fails the job before any charge
-            data_key = catalog.unwrap_data_key(version, self.keys)
+        try:  # keys and integrity are not data: failures here come before any charge
+            buffer = self._load(version)
         except KeyUnavailable as exc:
             log.error("job %s: %s", claimed.job_id, exc)
             self._fail(claimed, "the dataset's key is not available (deleted dataset or "
                                 "missing master key); nothing was charged")
+            return
+        except store.IntegrityError as exc:
+            log.error("job %s: %s", claimed.job_id, exc)
+            self._fail(claimed, "the stored dataset failed its integrity check; nothing was "
+                                "charged (operator: restore it from backup)")
             return
         try:
             with fenced(self.db, claimed) as (session, job):
@@ -118,7 +123,7 @@ class Worker:
             self._fail(claimed, str(exc))
             return
         try:
-            content = self._run(claimed, prepared, version, data_key)
+            content = self._run(claimed, prepared, buffer)
         except LeaseLost:
             raise
         except Exception:
@@ -127,14 +132,23 @@ class Worker:
             return
         self._complete(claimed, content)
 
-    def _run(self, claimed: Claim, prepared: engine.PreparedQuery, version: DatasetVersion,
-             data_key: bytes) -> dict[str, Any]:
+    def _load(self, version: DatasetVersion) -> bytearray:
+        """The decrypted dataset (cached); authenticated by the envelope before use."""
+        if version.wrapped_key is None:  # shredded: a cached copy must not outlive the key
+            raise KeyUnavailable(f"dataset {version.dataset_id} version {version.version}: "
+                                 "data key destroyed (dataset deleted)")
+
+        def decrypt() -> bytearray:
+            data_key = catalog.unwrap_data_key(version, self.keys)
+            return store.decrypt_to_bytes(self.settings.data_dir / version.storage_file,
+                                          data_key, dataset_id=version.dataset_id,
+                                          version=version.version)
+        return self.cache.get((version.dataset_id, version.version, version.ciphertext_sha256),
+                              decrypt)
+
+    def _run(self, claimed: Claim, prepared: engine.PreparedQuery,
+             buffer: bytearray) -> dict[str, Any]:
         started = time.monotonic()
-        buffer = self.cache.get(
-            (version.dataset_id, version.version, version.ciphertext_sha256),
-            lambda: store.decrypt_to_bytes(self.settings.data_dir / version.storage_file,
-                                           data_key, dataset_id=version.dataset_id,
-                                           version=version.version))
         with materialise(buffer, self.settings.tmpfs_dir) as path:
             heartbeat(self.db, claimed, lease_seconds=self.settings.lease_seconds)
             content = engine.execute(prepared, path)
