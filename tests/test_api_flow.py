@@ -42,10 +42,10 @@ def test_whole_story(ready: Api) -> None:
             cell = row[name]
             assert cell["low"] < cell["value"] < cell["high"]
     assert result["epsilon"] <= 0.5
-    assert result["budget"]["dataset_spent_epsilon"] == 0.5
-    assert result["budget"]["dataset_left_epsilon"] == 4.5
+    assert result["budget"]["spent"] == 0.5
+    assert result["budget"]["left"] == 4.5
     budget = ready.as_("analyst").get("/v1/budget/enterprises").json()
-    assert budget["spent_epsilon"] == 0.5 and budget["your_organisation_spent_epsilon"] == 0.5
+    assert budget["spent"] == 0.5 and budget["organisation"]["spent"] == 0.5
 
 
 def test_released_counts_are_close_to_truth(ready: Api, demo_files) -> None:
@@ -106,7 +106,7 @@ def test_bad_epsilons_are_refused(ready: Api) -> None:
         response = ready.as_("analyst").post("/v1/jobs", content=raw,
                                              headers={"Content-Type": "application/json"})
         assert response.status_code == 422, bad
-    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent_epsilon"] == 0
+    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent"] == 0
 
 
 def test_idempotency_key(ready: Api) -> None:

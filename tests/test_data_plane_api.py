@@ -113,7 +113,7 @@ def test_tampered_store_fails_before_any_charge(ready: Api) -> None:
     home.worker().run_once()
     status = ready.as_("analyst").get(f"/v1/jobs/{job['id']}").json()
     assert status["status"] == "failed" and "integrity" in status["error"]
-    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent_epsilon"] == 0
+    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent"] == 0
 
 
 def test_catalog_hides_exact_row_count_from_analysts(ready: Api) -> None:

@@ -62,5 +62,5 @@ def test_five_steps_over_http(server, demo_files) -> None:
     assert len(released["rows"]) == 13
     assert all(r["count"]["low"] <= r["count"]["value"] <= r["count"]["high"]
                for r in released["rows"])
-    assert released["budget"]["dataset_left_epsilon"] == pytest.approx(4.5)
-    assert analyst.budget("enterprises")["spent_epsilon"] == pytest.approx(0.5)
+    assert released["budget"]["left"] == pytest.approx(4.5)
+    assert analyst.budget("enterprises")["spent"] == pytest.approx(0.5)

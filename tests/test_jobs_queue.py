@@ -73,7 +73,7 @@ def test_rerun_after_lease_loss_charges_once(ready: Api) -> None:
     assert ready.home.worker().run_once()
     status = ready.as_("analyst").get(f"/v1/jobs/{job_id}").json()
     assert status["status"] == "pending_review" and status["attempts"] == 2
-    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent_epsilon"] == 0.5
+    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent"] == 0.5
 
 
 def test_cancel_running_job_drops_its_result(ready: Api) -> None:
@@ -108,17 +108,19 @@ def test_failed_job_keeps_its_charge(ready: Api, monkeypatch: pytest.MonkeyPatch
     status = ready.as_("analyst").get(f"/v1/jobs/{job_id}").json()
     assert status["status"] == "failed"
     assert "boom" not in status["error"] and "budget stays charged" in status["error"]
-    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent_epsilon"] == 0.5
+    assert ready.as_("analyst").get("/v1/budget/enterprises").json()["spent"] == 0.5
 
 
 def test_budget_exhaustion_fails_closed(ready: Api) -> None:
-    ids = [_submit(ready) for _ in range(11)]  # accepted while 5.0 was left; 11 x 0.5 > 5.0
+    # all accepted while budget was left; the organisation's cap is 3.0 = 6 x 0.5
+    ids = [_submit(ready) for _ in range(8)]
     worker = ready.home.worker()
     while worker.run_once():
         pass
     statuses = [ready.as_("analyst").get(f"/v1/jobs/{i}").json() for i in ids]
-    assert [s["status"] for s in statuses].count("pending_review") == 10
+    assert [s["status"] for s in statuses].count("pending_review") == 6
     failed = [s for s in statuses if s["status"] == "failed"]
-    assert len(failed) == 1 and "budget exhausted" in failed[0]["error"]
+    assert len(failed) == 2
+    assert all("budget exhausted for your organisation" in f["error"] for f in failed)
     response = ready.as_("analyst").post("/v1/jobs", json={"query": QUERY})
     assert response.status_code == 409 and "budget exhausted" in response.json()["detail"]

@@ -26,7 +26,7 @@ def _status(api: Api, job_id: str) -> dict:
 
 
 def _spent(api: Api) -> float:
-    return api.as_("analyst").get("/v1/budget/enterprises").json()["spent_epsilon"]
+    return api.as_("analyst").get("/v1/budget/enterprises").json()["spent"]
 
 
 def test_rotation_rewraps_without_reencrypting(ready: Api) -> None:

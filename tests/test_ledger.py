@@ -14,7 +14,11 @@ from conftest import make_home
 
 from sandbox.db import Database
 from sandbox.db.models import Dataset, Job, Organisation, Policy, User
+from sandbox.policies.model import Budget
 from sandbox.privacy import ledger
+from sandbox.privacy.units import Cost
+
+BUDGET = Budget(total=1.0, per_job=1.0)
 
 
 def _seed(db: Database, n_jobs: int) -> tuple[str, str, list[str]]:
@@ -52,7 +56,7 @@ def _charge_worker(url: str, dataset_id: str, org_id: str, job_ids: list[str],
         try:
             with db.transaction() as session:
                 ledger.charge(session, dataset_id=dataset_id, org_id=org_id, job_id=job_id,
-                              seq=0, epsilon=0.1, total_epsilon=1.0)
+                              seq=0, cost=Cost.of(epsilon=0.1), budget=BUDGET)
             ok += 1
         except ledger.BudgetExhausted:
             refused += 1
@@ -78,7 +82,7 @@ def _race(url: str, processes: int = 5, n_jobs: int = 50) -> None:
     assert sum(r[0] for r in results) == 10
     assert sum(r[1] for r in results) == n_jobs - 10
     with db.transaction() as session:
-        assert ledger.spent(session, dataset_id) == pytest.approx(1.0)
+        assert ledger.spent(session, dataset_id).in_unit("epsilon") == pytest.approx(1.0)
     db.dispose()
 
 
@@ -98,8 +102,9 @@ def test_charge_is_idempotent_per_query(tmp_path: Path) -> None:
     for _ in range(3):
         with db.transaction() as session:
             charge = ledger.charge(session, dataset_id=dataset_id, org_id=org_id,
-                                   job_id=jobs[0], seq=0, epsilon=0.3, total_epsilon=1.0)
+                                   job_id=jobs[0], seq=0, cost=Cost.of(epsilon=0.3),
+                                   budget=BUDGET)
     assert charge.repeated
     with db.transaction() as session:
-        assert ledger.spent(session, dataset_id) == pytest.approx(0.3)
+        assert ledger.spent(session, dataset_id).in_unit("epsilon") == pytest.approx(0.3)
     home.runtime.close()

@@ -10,14 +10,17 @@ from sandbox.policies.model import PolicyDocument, PolicyError
 
 def test_example_policy_parses() -> None:
     doc = PolicyDocument.from_yaml(POLICY_YAML)
-    assert doc.budget.total_epsilon == 5.0 and doc.review_required
+    assert doc.budget.total == 5.0 and doc.budget.unit == "epsilon" and doc.review_required
     assert doc.uses_for("L4") == ()
 
 
 @pytest.mark.parametrize(("mutation", "message"), [
-    ({"budget": {"total_epsilon": -1, "per_job_epsilon": 1}}, "budget.total_epsilon"),
-    ({"budget": {"total_epsilon": 1, "per_job_epsilon": 2}}, "per_job_epsilon cannot exceed"),
-    ({"budget": {"total_epsilon": float("nan"), "per_job_epsilon": 1}}, "budget.total_epsilon"),
+    ({"budget": {"total": -1, "per_job": 1}}, "budget.total"),
+    ({"budget": {"total": 1, "per_job": 2}}, "per_job cannot exceed"),
+    ({"budget": {"total": float("nan"), "per_job": 1}}, "budget.total"),
+    ({"budget": {"total": 1, "per_job": 1, "unit": "delta"}}, "budget.unit"),
+    ({"mode": "sdc", "review_required": False}, "SDC outputs always go to human review"),
+    ({"queries": {"dp_keys": True}, "budget": {"total": 1, "per_job": 1}}, "total_delta"),
     ({"grants": []}, "grants"),
     ({"classification": {"L4": ["filter"]}}, "L4"),
     ({"surprise": 1}, "surprise"),
@@ -37,7 +40,7 @@ def test_not_yaml() -> None:
 def test_versions_and_supersession(api: Api, demo_files) -> None:
     api.register(demo_files)
     first = api.approve_policy()
-    second = api.approve_policy(POLICY_YAML.replace("total_epsilon: 5.0", "total_epsilon: 3.0"))
+    second = api.approve_policy(POLICY_YAML.replace("total: 5.0", "total: 3.0"))
     assert (first["version"], second["version"]) == (1, 2)
     listed = api.as_("owner").get("/v1/datasets/enterprises/policies").json()
     assert [p["status"] for p in listed] == ["superseded", "approved"]

@@ -30,7 +30,7 @@ def test_story_on_postgres(tmp_path: Path, pg_url: str, demo_files) -> None:
         assert api.as_("reviewer").post(f"/v1/reviews/{job_id}/approve").status_code == 200
         result = api.as_("analyst").get(f"/v1/jobs/{job_id}/result").json()
         assert len(result["rows"]) == 13
-        assert result["budget"]["dataset_spent_epsilon"] == pytest.approx(0.5)
+        assert result["budget"]["spent"] == pytest.approx(0.5)
         with home.runtime.db.transaction() as session:
             audit = verify(session)
         assert audit.ok and audit.events > 10

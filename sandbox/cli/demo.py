@@ -146,7 +146,7 @@ def run_demo(*, rows: int, keep_home: Path | None, console: Console) -> int:
         budget = approved["policy"]["budget"]
         console.print(f"policy v{approved['version']} approved: grants "
                       f"{[g['organisation'] for g in approved['policy']['grants']]}, total "
-                      f"epsilon {budget['total_epsilon']}, per job {budget['per_job_epsilon']}, "
+                      f"{budget['unit']} {budget['total']}, per job {budget['per_job']}, "
                       f"review required: {approved['policy']['review_required']}")
 
         console.rule("[bold]4. analyst (suzhou-analytics): browse, estimate, submit")
@@ -186,9 +186,10 @@ def run_demo(*, rows: int, keep_home: Path | None, console: Console) -> int:
         console.print(_release_table(released))
         spent = released["budget"]
         console.print(f"epsilon spent by this job: {released['epsilon']:.3g}; dataset budget "
-                      f"spent {spent['dataset_spent_epsilon']:.3g} of "
-                      f"{spent['dataset_total_epsilon']:.3g}, left "
-                      f"{spent['dataset_left_epsilon']:.3g}")
+                      f"spent {spent['spent']:.3g} of {spent['total']:.3g}, left "
+                      f"{spent['left']:.3g}; your organisation has "
+                      f"{spent['organisation']['left']:.3g} left of "
+                      f"{spent['organisation']['cap']:.3g}")
         console.rule(f"[bold green]demo finished in {time.monotonic() - started:.1f}s")
         return 0
     except (ApiError, RuntimeError, TimeoutError) as exc:

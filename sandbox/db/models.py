@@ -115,6 +115,9 @@ class BudgetAccount(Base):
     __tablename__ = "budget_accounts"
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
     spent_epsilon: Mapped[float] = mapped_column(Float, default=0.0)
+    spent_epsilon_sq: Mapped[float] = mapped_column(Float, default=0.0)
+    spent_rho: Mapped[float] = mapped_column(Float, default=0.0)
+    spent_delta: Mapped[float] = mapped_column(Float, default=0.0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -126,7 +129,12 @@ class BudgetCharge(Base):
     org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     seq: Mapped[int] = mapped_column(Integer)
-    epsilon: Mapped[float] = mapped_column(Float)
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rho: Mapped[float | None] = mapped_column(Float, default=None, nullable=True)
+    delta: Mapped[float] = mapped_column(Float, default=0.0)
+    unit: Mapped[str] = mapped_column(String(10), default="epsilon")
+    amount: Mapped[float] = mapped_column(Float, default=0.0)
+    note: Mapped[str | None] = mapped_column(String(200), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -141,7 +149,8 @@ class Job(Base):
     policy_id: Mapped[str] = mapped_column(ForeignKey("policies.id"))
     kind: Mapped[str] = mapped_column(String(20))
     spec: Mapped[dict] = mapped_column(JSON)
-    epsilon: Mapped[float] = mapped_column(Float)
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rho: Mapped[float | None] = mapped_column(Float, default=None, nullable=True)
     status: Mapped[str] = mapped_column(String(20), index=True)
     review_required: Mapped[bool] = mapped_column(Boolean, default=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)

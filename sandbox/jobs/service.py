@@ -26,6 +26,7 @@ from sandbox.jobs.states import JobStatus, transition
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import ledger
 from sandbox.privacy.spec import QuerySpec
+from sandbox.privacy.units import Cost
 from sandbox.privacy.validate import check_grant, check_query
 
 
@@ -67,19 +68,26 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
     check_grant(doc, org.name, today or date.today())
     version = catalog.latest_version(session, dataset)
     check_query(spec, catalog.schema_of(version), doc)
-    left = doc.budget.total_epsilon - ledger.spent(session, dataset.id)
-    if spec.epsilon > left + ledger.TOLERANCE:
-        raise Conflict(f"budget exhausted: epsilon {spec.epsilon:g} requested, "
-                       f"{max(left, 0.0):g} left")
+    if doc.mode == "dp":  # a public pre-check; the worker's charge is the atomic one
+        charge = Cost.of(epsilon=spec.epsilon, rho=spec.rho).in_unit(doc.budget.unit)
+        left = ledger.summary(session, dataset.id, doc.budget, principal.org_id)
+        org_left = left["organisation"]["left"]  # type: ignore[index]
+        if charge.amount > float(left["left"]) + ledger.TOLERANCE:  # type: ignore[arg-type]
+            raise Conflict(f"budget exhausted: {charge.amount:g} {doc.budget.unit} requested, "
+                           f"{left['left']:g} left")
+        if charge.amount > org_left + ledger.TOLERANCE:
+            raise Conflict(f"budget exhausted for your organisation: {charge.amount:g} "
+                           f"{doc.budget.unit} requested, {org_left:g} left")
     job = Job(dataset_id=dataset.id, dataset_version=version.version, org_id=principal.org_id,
               submitted_by=principal.user_id, policy_id=policy.id, kind="query",
-              spec=spec.model_dump(mode="json"), epsilon=spec.epsilon,
+              spec=spec.model_dump(mode="json"), epsilon=spec.epsilon, rho=spec.rho,
               status=JobStatus.QUEUED.value, review_required=doc.review_required,
               idempotency_key=idempotency_key, request_sha256=digest)
     session.add(job)
     session.flush()
     record(session, actor_id=principal.user_id, action="job.submitted", object_type="job",
            object_id=job.id, detail={"dataset": dataset.name, "epsilon": spec.epsilon,
+                                     "rho": spec.rho,
                                      "policy_version": policy.version})
     return job
 

@@ -27,13 +27,16 @@ from sandbox.datasets import catalog, store
 from sandbox.datasets.cache import DecryptedCache, materialise, reap_orphans
 from sandbox.datasets.keyring import Keyring
 from sandbox.datasets.keys import KeyUnavailable
+from sandbox.datasets.schema import DatasetSchema
 from sandbox.db import Database
 from sandbox.db.models import DatasetVersion, Job, JobResult, Policy
 from sandbox.errors import SandboxError
 from sandbox.jobs.queue import Claim, LeaseLost, claim, fenced, heartbeat
 from sandbox.jobs.states import JobStatus, transition
 from sandbox.policies.model import PolicyDocument
-from sandbox.privacy import engine, ledger
+from sandbox.privacy import engine, ledger, sdc_engine
+from sandbox.privacy.broker import pad_to_quantum
+from sandbox.privacy.mechanisms import DatasetHandle, open_session
 from sandbox.privacy.spec import QuerySpec
 from sandbox.review.service import content_digest, create_release
 
@@ -96,10 +99,11 @@ class Worker:
             assert version is not None and policy is not None
             spec = QuerySpec.model_validate(job.spec)
             doc = PolicyDocument.model_validate(policy.body)
+        schema = catalog.schema_of(version)
         try:
-            prepared = engine.prepare(spec, catalog.schema_of(version))
+            plan = engine.plan(spec, schema) if doc.mode == "dp" else None
         except Exception:
-            log.exception("job %s: could not build the measurement", claimed.job_id)
+            log.exception("job %s: could not plan the query", claimed.job_id)
             self._fail(claimed, "the query could not be planned; nothing was charged")
             return
         try:  # keys and integrity are not data: failures here come before any charge
@@ -114,16 +118,20 @@ class Worker:
             self._fail(claimed, "the stored dataset failed its integrity check; nothing was "
                                 "charged (operator: restore it from backup)")
             return
+        left = (0.0, 0.0)
+        if plan is not None:
+            try:
+                with fenced(self.db, claimed) as (session, job):
+                    left = ledger.left_for(session, dataset_id=job.dataset_id,
+                                           org_id=job.org_id, job_id=job.id,
+                                           budget=doc.budget)
+                    ledger.charge(session, dataset_id=job.dataset_id, org_id=job.org_id,
+                                  job_id=job.id, seq=0, cost=plan.cost, budget=doc.budget)
+            except ledger.BudgetExhausted as exc:
+                self._fail(claimed, str(exc))
+                return
         try:
-            with fenced(self.db, claimed) as (session, job):
-                ledger.charge(session, dataset_id=job.dataset_id, org_id=job.org_id,
-                              job_id=job.id, seq=0, epsilon=spec.epsilon,
-                              total_epsilon=doc.budget.total_epsilon)
-        except ledger.BudgetExhausted as exc:
-            self._fail(claimed, str(exc))
-            return
-        try:
-            content = self._run(claimed, prepared, buffer)
+            content = self._run(claimed, plan, spec, schema, doc, buffer, left)
         except LeaseLost:
             raise
         except Exception:
@@ -146,24 +154,31 @@ class Worker:
         return self.cache.get((version.dataset_id, version.version, version.ciphertext_sha256),
                               decrypt)
 
-    def _run(self, claimed: Claim, prepared: engine.PreparedQuery,
-             buffer: bytearray) -> dict[str, Any]:
+    def _run(self, claimed: Claim, plan: engine.Plan | None, spec: QuerySpec,
+             schema: DatasetSchema, doc: PolicyDocument, buffer: bytearray,
+             left: tuple[float, float]) -> dict[str, Any]:
         started = time.monotonic()
         with materialise(buffer, self.settings.tmpfs_dir) as path:
             heartbeat(self.db, claimed, lease_seconds=self.settings.lease_seconds)
-            content = engine.execute(prepared, path)
+            handle = DatasetHandle(path)
+            if plan is None:
+                content = sdc_engine.execute(spec, schema, doc.sdc, handle)
+            else:
+                approximate = doc.budget.total_delta > 0
+                session = open_session(handle, unit=doc.budget.unit, approximate=approximate,
+                                       d_in=plan.d_in, left=left[0], delta_left=left[1])
+                content = engine.execute(plan, session, handle, approximate=approximate)
+        pad_to_quantum(started, doc.timing_quantum_ms)
         log.info("job %s answered in %.2fs", claimed.job_id, time.monotonic() - started)
         return content
 
     def _complete(self, claimed: Claim, content: dict[str, Any]) -> None:
         with fenced(self.db, claimed) as (session, job):
-            spent = ledger.spent(session, job.dataset_id)
             policy = session.get(Policy, job.policy_id)
             assert policy is not None
-            total = PolicyDocument.model_validate(policy.body).budget.total_epsilon
-            content = {**content, "budget": {"dataset_total_epsilon": total,
-                                             "dataset_spent_epsilon": spent,
-                                             "dataset_left_epsilon": max(0.0, total - spent)}}
+            budget = PolicyDocument.model_validate(policy.body).budget
+            content = {**content, "budget": ledger.summary(session, job.dataset_id, budget,
+                                                           job.org_id)}
             session.add(JobResult(job_id=job.id, content=content,
                                   content_sha256=content_digest(content)))
             session.flush()

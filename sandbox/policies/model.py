@@ -39,21 +39,61 @@ class Grant(_Frozen):
 
 
 class Budget(_Frozen):
-    total_epsilon: float = Field(gt=0, le=100)
-    per_job_epsilon: float = Field(gt=0, le=100)
+    """Privacy budget limits, all in ``unit`` (see ``sandbox.privacy.units``)."""
 
-    @field_validator("total_epsilon", "per_job_epsilon")
+    unit: Literal["epsilon", "rho"] = "epsilon"
+    total: float = Field(gt=0, le=100, description="everything anyone may ever spend")
+    per_job: float = Field(gt=0, le=100)
+    per_query: float | None = Field(default=None, gt=0, le=100)
+    per_organisation: float | None = Field(default=None, gt=0, le=100)
+    total_delta: float = Field(default=0.0, ge=0, le=1e-3,
+                               description="delta available to DP key release (thresholding)")
+
+    @field_validator("total", "per_job", "per_query", "per_organisation", "total_delta")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
     @model_validator(mode="after")
-    def _cap_within_total(self) -> Budget:
-        if self.per_job_epsilon > self.total_epsilon:
-            raise ValueError("per_job_epsilon cannot exceed total_epsilon")
+    def _caps_within_total(self) -> Budget:
+        for name in ("per_job", "per_query", "per_organisation"):
+            value = getattr(self, name)
+            if value is not None and value > self.total:
+                raise ValueError(f"{name} cannot exceed total")
         return self
+
+    @property
+    def query_cap(self) -> float:
+        return min(self.per_job, self.per_query or self.per_job)
+
+    @property
+    def organisation_cap(self) -> float:
+        return self.per_organisation or self.total
+
+
+QueryKind = Literal["count", "sum", "mean", "quantile", "median", "histogram"]
+ALL_KINDS: tuple[QueryKind, ...] = ("count", "sum", "mean", "quantile", "median", "histogram")
+
+
+class QueryRules(_Frozen):
+    """What kinds of query the policy allows."""
+
+    kinds: tuple[QueryKind, ...] = ALL_KINDS
+    dp_keys: bool = Field(default=False, description="allow keys released by DP thresholding")
+    min_group_size: int = Field(default=10, ge=1, le=10_000,
+                                description="floor of the DP key threshold; SDC cell minimum")
+
+
+class SdcSettings(_Frozen):
+    """Statistical disclosure control rules (``mode: sdc``)."""
+
+    threshold: int = Field(default=10, ge=1)
+    p_percent: float = Field(default=10.0, gt=0, lt=100)
+    nk_n: int = Field(default=2, ge=1)
+    nk_k: float = Field(default=0.9, gt=0, le=1)
+    rounding_base: int = Field(default=5, ge=1)
 
 
 Level = Literal["L1", "L2", "L3", "L4"]
@@ -71,18 +111,26 @@ class PolicyDocument(_Frozen):
 
     dataset: str = Field(min_length=1, max_length=64)
     purpose: str = Field(min_length=1, max_length=2000)
-    mode: Literal["dp"] = "dp"
+    mode: Literal["dp", "sdc"] = "dp"
     grants: tuple[Grant, ...] = Field(min_length=1)
     budget: Budget
     review_required: bool = True
+    queries: QueryRules = Field(default_factory=QueryRules)
+    sdc: SdcSettings = Field(default_factory=SdcSettings)
+    timing_quantum_ms: int = Field(default=0, ge=0, le=60_000,
+                                   description="broker replies are padded to multiples of this")
     classification: dict[Level, tuple[ColumnUse, ...]] = Field(
         default_factory=lambda: dict(DEFAULT_CLASSIFICATION_RULES)
     )
 
     @model_validator(mode="after")
-    def _l4_never(self) -> PolicyDocument:
+    def _consistent(self) -> PolicyDocument:
         if self.classification.get("L4"):
             raise ValueError("classification.L4: core columns can never be queried")
+        if self.mode == "sdc" and not self.review_required:
+            raise ValueError("review_required: SDC outputs always go to human review")
+        if self.queries.dp_keys and self.budget.total_delta <= 0:
+            raise ValueError("queries.dp_keys needs budget.total_delta > 0")
         return self
 
     def uses_for(self, level: str) -> tuple[ColumnUse, ...]:

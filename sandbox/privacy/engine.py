@@ -1,319 +1,288 @@
-"""The DP engine: builds the Polars plan and the OpenDP measurement from a validated spec.
+"""The DP engine: plans a validated spec, runs it through the broker's OpenDP session.
 
-Only this module turns rows into numbers. It never accepts code or serialized plans: the
-plan is built here from a ``QuerySpec`` that ``validate.check_query`` has accepted.
+``plan`` is data-independent: from the spec and the schema it fixes the columns read, the
+public keys, the parts that get noise, how the cost is split between mechanisms, and so
+the accuracy of every released value (``estimate``) before any row is touched.
+``execute`` runs the plan's measurements through an OpenDP session over the dataset
+handle (``sandbox.privacy.mechanisms``) and formats the released table: every value with
+its 95% interval, and the cost.
 
-Speed without weakening the guarantee: OpenDP's documented ``Context.query().release()``
-binary-searches the noise scale (about 4 s a query). The privacy loss of a Laplace
-measurement is inversely proportional to its scale, so the engine measures the loss at
-scale 1, solves for the scale in closed form, and lets OpenDP's own ``check`` confirm the
-measurement fits the budget (nudging the scale up in the rare case rounding says no).
-The data reaches OpenDP as ``scan_parquet`` over a 0600 file in RAM, which OpenDP scans
-lazily (building a Context over an in-memory frame costs seconds).
+The Polars work is the broker's own (``sandbox.privacy.aggregate``), so a DP query costs
+about what the plain Polars query costs; OpenDP adds the noise and does the accounting.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-import math
-import operator
 from dataclasses import dataclass, field
-from datetime import date
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import opendp.prelude as dp
+import numpy as np
 import polars as pl
-from opendp.domains import _lazyframe_from_domain
 
-from sandbox.datasets.schema import ColumnSpec, ColumnType, DatasetSchema
-from sandbox.privacy.spec import Aggregate, Filter, QuerySpec
-
-dp.enable_features("contrib")
+from sandbox.datasets.schema import DatasetSchema
+from sandbox.privacy import aggregate as agg
+from sandbox.privacy import mechanisms as mech
+from sandbox.privacy.spec import Aggregate, QuerySpec
+from sandbox.privacy.units import Cost
 
 ALPHA = 0.05  # intervals are 95%
-MAX_GROUPS = 10_000
-
-_ATOM = {
-    ColumnType.INT: dp.i64,
-    ColumnType.FLOAT: dp.f64,
-    ColumnType.STR: dp.String,
-    ColumnType.CATEGORY: dp.String,
-    ColumnType.BOOL: bool,
-}
 
 
 class EngineError(RuntimeError):
-    """The engine could not build or run a measurement (treated as generic by callers)."""
+    """A measurement failed while running (callers treat it as data-dependent)."""
 
 
 @dataclass(frozen=True)
-class OutputColumn:
+class Output:
     name: str
-    kind: str  # "key", "count", "sum", "mean"
-    parts: tuple[str, ...] = ()  # hidden plan columns it is computed from
+    kind: str  # key, count, sum, mean, quantile, median, histogram
+    parts: tuple[str, ...] = ()
+    aggregate: Aggregate | None = None
 
 
-@dataclass(frozen=True)
-class PreparedQuery:
-    """A measurement ready to run, and everything needed to report its accuracy."""
+@dataclass
+class Plan:
+    """Everything decided before data: see the module docstring."""
 
     spec: QuerySpec
-    measurement: Any
-    columns: tuple[str, ...]
-    outputs: tuple[OutputColumn, ...]
-    accuracy: dict[str, float] = field(default_factory=dict)  # hidden column -> half-width
-    epsilon: float = 0.0
+    schema: DatasetSchema
+    cost: Cost
+    columns: list[str]
+    keys: pl.DataFrame | None
+    parts: list[agg.Part]
+    outputs: list[Output]
+    quantiles: list[Aggregate]
+    d_in: int
+    share: float  # each mechanism's share of the cost, in the cost's unit
+    threshold_epsilon: float = 0.0
+    alphas: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> str:
+        return self.cost.unit
 
 
-def prepare(spec: QuerySpec, schema: DatasetSchema) -> PreparedQuery:
-    """Build and check the measurement for ``spec``; touches no data."""
-    columns = _needed_columns(spec) or _placeholder_column(schema)
-    domain = dp.lazyframe_domain([_series_domain(schema.column(c)) for c in columns])
-    domain = dp.with_margin(domain, dp.polars.Margin(by=[], max_length=schema.max_rows))
-    plan, outputs, alphas = _plan(spec, schema, _lazyframe_from_domain(domain))
-    d_in = schema.privacy_unit.max_rows_per_unit
-    measurement = _calibrate(domain, plan, d_in, spec.epsilon)
-    accuracy = _accuracy(measurement, alphas)
-    return PreparedQuery(spec=spec, measurement=measurement, columns=tuple(columns),
-                         outputs=tuple(outputs), accuracy=accuracy,
-                         epsilon=float(measurement.map(d_in)))
-
-
-def execute(prepared: PreparedQuery, parquet_path: Path) -> dict[str, Any]:
-    """Run the measurement over the Parquet dataset at ``parquet_path``; the released table."""
-    data = pl.scan_parquet(parquet_path).select(list(prepared.columns))
-    try:
-        frame = prepared.measurement(data).collect()
-    except Exception as exc:  # data-dependent: callers turn it into one generic error
-        raise EngineError("the measurement failed") from exc
-    return _release_table(prepared, frame)
-
-
-def _needed_columns(spec: QuerySpec) -> list[str]:
-    names = list(spec.group_by)
-    names += [f.column for f in spec.filters]
-    names += [a.column for a in spec.aggregates if a.column]
-    return list(dict.fromkeys(names))
-
-
-def _placeholder_column(schema: DatasetSchema) -> list[str]:
-    """A query touching no column (a bare count) still needs one to count the rows of."""
-    for column in schema.columns:
-        if column.classification.value != "L4" and column.type != ColumnType.DATE:
-            return [column.name]
-    raise EngineError("the dataset has no queryable column")
-
-
-def _series_domain(column: ColumnSpec) -> Any:
-    if column.type == ColumnType.DATE:
-        raise EngineError(f"column {column.name!r}: date columns are not queryable yet")
-    atom = dp.atom_domain(T=_ATOM[column.type], nan=True) if column.type == ColumnType.FLOAT \
-        else dp.atom_domain(T=_ATOM[column.type])
-    if column.nullable:
-        atom = dp.option_domain(atom)
-    return dp.series_domain(column.name, atom)
-
-
-def _bounds(column: ColumnSpec) -> tuple[Any, Any]:
-    assert column.bounds is not None
-    lo, hi = column.bounds
-    if column.type == ColumnType.INT:
-        return math.ceil(lo), math.floor(hi)
-    return float(lo), float(hi)
-
-
-def _value_expr(column: ColumnSpec) -> pl.Expr:
-    lo, _ = _bounds(column)
-    expr = pl.col(column.name)
-    if column.type == ColumnType.FLOAT:
-        expr = expr.fill_nan(lo)
-    return expr.fill_null(lo)
-
-
-def _filter_expr(flt: Filter) -> pl.Expr:
-    col = pl.col(flt.column)
-    value = flt.value
-    match flt.op:
-        case "==":
-            return col.eq(value)
-        case "!=":
-            return col.ne(value)
-        case "<":
-            return col.lt(value)
-        case "<=":
-            return col.le(value)
-        case ">":
-            return col.gt(value)
-        case ">=":
-            return col.ge(value)
-        case "in":  # OpenDP 0.16 does not support is_in: a chain of equalities
-            equal = [col.eq(v) for v in _as_list(value)]
-            return functools.reduce(operator.or_, equal)
-        case "not_in":
-            differ = [col.ne(v) for v in _as_list(value)]
-            return functools.reduce(operator.and_, differ)
-    raise EngineError(f"unknown filter op {flt.op}")  # pragma: no cover
-
-
-def _noisy_len() -> pl.Expr:
-    """A Laplace-noised row count (OpenDP's ``.dp`` namespace is untyped)."""
-    expr: pl.Expr = cast(Any, pl.len()).dp.noise()
-    return expr
-
-
-def _noisy_sum(expr: pl.Expr, bounds: tuple[Any, Any]) -> pl.Expr:
-    """A Laplace-noised sum, each value clipped to the owner's ``bounds``."""
-    noisy: pl.Expr = cast(Any, expr).dp.sum(bounds)
-    return noisy
-
-
-def _as_list(value: object) -> list[object]:
-    return value if isinstance(value, list) else [value]
-
-
-def _plan(spec: QuerySpec, schema: DatasetSchema,
-          base: pl.LazyFrame) -> tuple[pl.LazyFrame, list[OutputColumn], dict[str, float]]:
-    """The Polars plan of noisy expressions, the output columns and each part's alpha."""
-    exprs: list[pl.Expr] = []
-    outputs = [OutputColumn(k, "key") for k in spec.group_by]
+def plan(spec: QuerySpec, schema: DatasetSchema, *, min_group_size: int = 10) -> Plan:
+    cost = Cost.of(epsilon=spec.epsilon, rho=spec.rho, delta=spec.delta)
+    parts: list[agg.Part] = []
+    outputs = [Output(k, "key") for k in spec.group_by]
+    quantiles: list[Aggregate] = []
     alphas: dict[str, float] = {}
-    for i, agg in enumerate(spec.aggregates):
-        exprs_i, out, part_alphas = _aggregate_exprs(agg, schema, i)
-        exprs += exprs_i
-        outputs.append(out)
-        alphas.update(part_alphas)
-    lf = base
-    for flt in spec.filters:
-        lf = lf.filter(_filter_expr(flt))
-    if spec.group_by:
-        keys = _key_frame(spec, schema)
-        plan = keys.join(lf.group_by(list(spec.group_by)).agg(exprs), how="left",
-                         on=list(spec.group_by), nulls_equal=True)
-    else:
-        plan = lf.select(exprs)
-    return plan, outputs, alphas
-
-
-def _aggregate_exprs(agg: Aggregate, schema: DatasetSchema,
-                     i: int) -> tuple[list[pl.Expr], OutputColumn, dict[str, float]]:
-    if agg.kind == "count":
-        part = f"__p{i}_len"
-        return [_noisy_len().alias(part)], OutputColumn(agg.name, "count", (part,)), \
-            {part: ALPHA}
-    assert agg.column is not None
-    column = schema.column(agg.column)
-    value = _noisy_sum(_value_expr(column), _bounds(column))
-    if agg.kind == "sum":
-        part = f"__p{i}_sum"
-        return [value.alias(part)], OutputColumn(agg.name, "sum", (part,)), {part: ALPHA}
-    # mean = noisy sum / noisy count, each at alpha/2 so the pair covers jointly at 1-alpha
-    s, n = f"__p{i}_sum", f"__p{i}_len"
-    return ([value.alias(s), _noisy_len().alias(n)],
-            OutputColumn(agg.name, "mean", (s, n)), {s: ALPHA / 2, n: ALPHA / 2})
-
-
-def _key_frame(spec: QuerySpec, schema: DatasetSchema) -> pl.LazyFrame:
-    value_sets: list[list[Any]] = []
-    for key in spec.group_by:
-        column = schema.column(key)
-        values: list[Any] = [True, False] if column.type == ColumnType.BOOL \
-            else list(column.categories or [])
-        if column.nullable:
-            values.append(None)
-        value_sets.append(values)
-    combos = list(itertools.islice(itertools.product(*value_sets), MAX_GROUPS + 1))
-    if len(combos) > MAX_GROUPS:
-        raise EngineError(f"group_by has more than {MAX_GROUPS} public key combinations")
-    data = {key: [c[j] for c in combos] for j, key in enumerate(spec.group_by)}
-    schema_pl = {k: (pl.Boolean if schema.column(k).type == ColumnType.BOOL else pl.String)
-                 for k in spec.group_by}
-    return pl.LazyFrame(data, schema=schema_pl)
-
-
-def _calibrate(domain: Any, plan: pl.LazyFrame, d_in: int, epsilon: float) -> Any:
-    """The measurement with the smallest scale OpenDP accepts for ``epsilon`` (closed form)."""
-    metric = dp.symmetric_distance()
-
-    def make(scale: float) -> Any:
-        return dp.m.make_private_lazyframe(domain, metric, dp.max_divergence(), plan,
-                                           global_scale=scale)
-
-    loss_at_one = float(make(1.0).map(d_in))
-    scale = loss_at_one / epsilon
-    for attempt in range(30):
-        measurement = make(scale)
-        if measurement.check(d_in, epsilon):
-            return measurement
-        scale *= 1 + 1e-12 * 10**attempt
-    raise EngineError("could not calibrate the noise scale")  # pragma: no cover
-
-
-def _accuracy(measurement: Any, alphas: dict[str, float]) -> dict[str, float]:
-    """Half-width of each hidden column's interval at the alpha assigned to it."""
-    result: dict[str, float] = {}
-    for alpha in sorted(set(alphas.values())):
-        summary = dp.summarize_polars_measurement(measurement, alpha)
-        for row in summary.iter_rows(named=True):
-            name = row["column"]
-            if alphas.get(name) == alpha:
-                result[name] = float(row["accuracy"])
-    missing = set(alphas) - set(result)
-    if missing:
-        raise EngineError(f"no accuracy for {sorted(missing)}")  # pragma: no cover
+    for i, a in enumerate(spec.aggregates):
+        if a.kind == "count":
+            parts.append(agg.Part(f"__p{i}_n", "count", 1.0))
+            alphas[f"__p{i}_n"] = ALPHA
+            outputs.append(Output(a.name, "count", (f"__p{i}_n",), a))
+        elif a.kind in ("sum", "mean"):
+            assert a.column is not None
+            parts.append(agg.sum_part(f"__p{i}_s", schema.column(a.column)))
+            if a.kind == "sum":
+                alphas[f"__p{i}_s"] = ALPHA
+                outputs.append(Output(a.name, "sum", (f"__p{i}_s",), a))
+            else:  # noisy sum / noisy count, each at alpha/2: jointly 1 - alpha
+                parts.append(agg.Part(f"__p{i}_n", "count", 1.0))
+                alphas.update({f"__p{i}_s": ALPHA / 2, f"__p{i}_n": ALPHA / 2})
+                outputs.append(Output(a.name, "mean", (f"__p{i}_s", f"__p{i}_n"), a))
+        elif a.kind == "histogram":
+            assert a.column is not None
+            parts.append(agg.Part(f"__p{i}_h", "histogram", 1.0, column=a.column,
+                                  bins=a.bins))
+            alphas[f"__p{i}_h"] = ALPHA
+            outputs.append(Output(a.name, "histogram", (f"__p{i}_h",), a))
+        else:
+            quantiles.append(a)
+            outputs.append(Output(a.name, a.kind, (), a))
+    components = (1 if parts else 0) + len(quantiles) + (1 if spec.keys == "dp" else 0)
+    share = cost.amount / components
+    keys = agg.public_keys(spec, schema) if spec.group_by and spec.keys == "public" else None
+    columns = list(dict.fromkeys([*spec.group_by, *(f.column for f in spec.filters),
+                                  *(a.column for a in spec.aggregates if a.column)]))
+    if not columns:
+        columns = [next(c.name for c in schema.columns if c.classification.value != "L4")]
+    result = Plan(spec=spec, schema=schema, cost=cost, columns=columns, keys=keys,
+                  parts=parts, outputs=outputs, quantiles=quantiles,
+                  d_in=schema.privacy_unit.max_rows_per_unit, share=share, alphas=alphas)
+    if spec.keys == "dp":
+        result.threshold_epsilon = share
+    del min_group_size
     return result
 
 
-def interval(prepared: PreparedQuery, out: OutputColumn,
-             values: dict[str, float | None]) -> tuple[float | None, float | None, float | None]:
-    """(value, low, high) of one output cell from its hidden noisy parts."""
+def _groups(p: Plan, keys: pl.DataFrame | None) -> int:
+    return keys.height if keys is not None and p.spec.group_by else 1
+
+
+def _lengths(p: Plan, groups: int) -> list[int]:
+    return [groups * (len(part.bins or ()) - 1 if part.kind == "histogram" else 1)
+            for part in p.parts]
+
+
+def estimate(p: Plan) -> dict[str, Any]:
+    """Dry run: the cost and the half-width of each value's interval, without data."""
+    result: dict[str, Any] = {"cost": {"unit": p.unit, "amount": p.cost.amount,
+                                       "delta": p.cost.delta},
+                              "confidence": 1 - ALPHA, "half_width": {}, "rank_error": {}}
+    if p.parts:
+        scale = mech.linear(lambda _h: [], n_parts=len(p.parts), d_in=p.d_in, unit=p.unit,
+                            budget=p.share).scale
+        for out in p.outputs:
+            if out.kind in ("count", "sum", "histogram"):
+                result["half_width"][out.name] = _part_half_width(p, out.parts[0], scale)
+    for q in p.quantiles:
+        result["rank_error"][q.name] = _rank_error(p, _quantile_calibration(p, q, 1).scale,
+                                                   q)
+    return result
+
+
+def _part(p: Plan, name: str) -> agg.Part:
+    return next(part for part in p.parts if part.name == name)
+
+
+def _part_half_width(p: Plan, name: str, scale: float) -> float:
+    part = _part(p, name)
+    return mech.half_width(p.unit, scale * part.sensitivity * part.scale_back,
+                           p.alphas[name])
+
+
+def _quantile_calibration(p: Plan, q: Aggregate, groups: int,
+                          function: Any = None) -> mech.Calibrated:
+    assert q.column is not None
+    level = 0.5 if q.kind == "median" else float(q.q or 0.5)
+    candidates = agg.quantile_candidates(p.schema.column(q.column))
+    return mech.noisy_argmin(function or (lambda _h: []), groups=groups,
+                             candidates=len(candidates), sensitivity=max(level, 1 - level),
+                             d_in=p.d_in, unit=p.unit, budget=p.share)
+
+
+def _rank_error(p: Plan, scale: float, q: Aggregate) -> float:
+    assert q.column is not None
+    m = len(agg.quantile_candidates(p.schema.column(q.column)))
+    return float(2 * scale * np.log(m / ALPHA))
+
+
+def execute(p: Plan, session: Any, handle: mech.DatasetHandle, *,
+            approximate: bool) -> dict[str, Any]:
+    """Run every measurement of the plan through ``session``; the released table."""
+    spec, schema = p.spec, p.schema
+    keys = p.keys
+    extra: dict[str, Any] = {}
+    try:
+        if spec.keys == "dp":
+            keys, extra["threshold"] = _release_keys(p, session, handle, approximate)
+        groups = _groups(p, keys)
+        noisy: dict[str, np.ndarray] = {}
+        scales: dict[str, float] = {}
+        if p.parts:
+            def linear_fn(h: mech.DatasetHandle) -> list[float]:
+                vectors = agg.exact_parts(h.lazy(p.columns), spec, schema, p.parts, keys)
+                return mech.as_floats(np.concatenate(
+                    [vectors[part.name] / part.sensitivity for part in p.parts]))
+
+            calibrated = mech.linear(linear_fn, n_parts=len(p.parts), d_in=p.d_in,
+                                     unit=p.unit, budget=p.share)
+            released = np.asarray(session(mech.adapt(calibrated.measurement, p.unit,
+                                                     approximate)), dtype=np.float64)
+            offset = 0
+            for part, length in zip(p.parts, _lengths(p, groups), strict=True):
+                chunk = released[offset:offset + length]
+                noisy[part.name] = chunk * part.sensitivity * part.scale_back
+                scales[part.name] = calibrated.scale
+                offset += length
+        chosen: dict[str, list[float]] = {}
+        for q in p.quantiles:
+            chosen[q.name] = _run_quantile(p, q, keys, groups, session, approximate)
+    except Exception as exc:  # data-dependent from here: callers give one generic error
+        raise EngineError("a measurement failed") from exc
+    return _table(p, keys, groups, noisy, scales, chosen, extra)
+
+
+def _release_keys(p: Plan, session: Any, handle: mech.DatasetHandle,
+                  approximate: bool) -> tuple[pl.DataFrame, float]:
+    spec = p.spec
+    calibrated, cut = mech.threshold(
+        lambda h: agg.observed_key_counts(h.lazy(p.columns), spec), d_in=p.d_in,
+        epsilon=p.threshold_epsilon, delta=p.cost.delta, minimum=10)
+    released = session(mech.adapt(calibrated.measurement, "epsilon", approximate))
+    rows = [agg.decode_key(k, spec) for k in sorted(released)]
+    dtypes = {k: (pl.Boolean if p.schema.column(k).type.value == "bool" else pl.String)
+              for k in spec.group_by}
+    frame = pl.DataFrame(rows, schema=dtypes) if rows else pl.DataFrame(schema=dtypes)
+    return frame, cut
+
+
+def _run_quantile(p: Plan, q: Aggregate, keys: pl.DataFrame | None, groups: int,
+                  session: Any, approximate: bool) -> list[float]:
+    assert q.column is not None
+    candidates = agg.quantile_candidates(p.schema.column(q.column))
+
+    def scores(h: mech.DatasetHandle) -> list[float]:
+        matrix = agg.quantile_scores(h.lazy(p.columns), p.spec, p.schema, q, keys, candidates)
+        return mech.as_floats(matrix.reshape(-1))
+
+    calibrated = _quantile_calibration(p, q, max(groups, 1), scores)
+    picks = session(mech.adapt(calibrated.measurement, p.unit, approximate))
+    return [float(candidates[int(i)]) for i in picks]
+
+
+def _cell(p: Plan, out: Output, noisy: dict[str, np.ndarray], scales: dict[str, float],
+          g: int) -> dict[str, float | None]:
     if out.kind in ("count", "sum"):
-        v = values[out.parts[0]]
-        if v is None:
-            return None, None, None
-        a = prepared.accuracy[out.parts[0]]
-        return float(v), float(v) - a, float(v) + a
-    s, n = values[out.parts[0]], values[out.parts[1]]
-    if s is None or n is None:
-        return None, None, None
-    a_s, a_n = prepared.accuracy[out.parts[0]], prepared.accuracy[out.parts[1]]
-    value = s / n if n > 0 else None
+        value = float(noisy[out.parts[0]][g])
+        hw = _part_half_width(p, out.parts[0], scales[out.parts[0]])
+        return {"value": value, "low": value - hw, "high": value + hw}
+    s, n = float(noisy[out.parts[0]][g]), float(noisy[out.parts[1]][g])
+    a_s = _part_half_width(p, out.parts[0], scales[out.parts[0]])
+    a_n = _part_half_width(p, out.parts[1], scales[out.parts[1]])
+    mean = s / n if n > 0 else None
     if n - a_n <= 0:
-        return value, None, None  # too few rows for a bounded interval
+        return {"value": mean, "low": None, "high": None}
     corners = [(s + ds) / (n + dn) for ds in (-a_s, a_s) for dn in (-a_n, a_n)]
-    return value, min(corners), max(corners)
+    return {"value": mean, "low": min(corners), "high": max(corners)}
 
 
-def _release_table(prepared: PreparedQuery, frame: pl.DataFrame) -> dict[str, Any]:
-    rows = []
-    for record in frame.iter_rows(named=True):
-        row: dict[str, Any] = {}
-        for out in prepared.outputs:
+def _table(p: Plan, keys: pl.DataFrame | None, groups: int, noisy: dict[str, np.ndarray],
+           scales: dict[str, float], chosen: dict[str, list[float]],
+           extra: dict[str, Any]) -> dict[str, Any]:
+    key_rows = keys.to_dicts() if keys is not None and p.spec.group_by else [{}]
+    rows: list[dict[str, Any]] = []
+    for g, key_row in enumerate(key_rows[:groups]):
+        row: dict[str, Any] = dict(key_row)
+        for out in p.outputs:
             if out.kind == "key":
-                value = record[out.name]
-                row[out.name] = value.isoformat() if isinstance(value, date) else value
+                continue
+            if out.kind in ("quantile", "median"):
+                assert out.aggregate is not None
+                row[out.name] = {"value": chosen[out.name][g],
+                                 "rank_error": _rank_error(
+                                     p, _quantile_calibration(p, out.aggregate, 1).scale,
+                                     out.aggregate)}
+            elif out.kind == "histogram":
+                row[out.name] = _histogram_cell(p, out, noisy, scales, g)
             else:
-                v, lo, hi = interval(prepared, out, {p: record[p] for p in out.parts})
-                row[out.name] = {"value": v, "low": lo, "high": hi}
+                row[out.name] = _cell(p, out, noisy, scales, g)
         rows.append(row)
-    key_names = [o.name for o in prepared.outputs if o.kind == "key"]
-    rows.sort(key=lambda r: tuple("" if r[k] is None else str(r[k]) for k in key_names))
+    names = list(p.spec.group_by)
+    rows.sort(key=lambda r: tuple("" if r[k] is None else str(r[k]) for k in names))
     return {
-        "columns": [{"name": o.name, "kind": o.kind} for o in prepared.outputs],
+        "columns": [{"name": o.name, "kind": o.kind} for o in p.outputs],
         "rows": rows,
-        "epsilon": prepared.epsilon,
+        "cost": {"unit": p.unit, "amount": p.cost.amount, "delta": p.cost.delta},
+        "epsilon": p.cost.amount if p.unit == "epsilon" else None,
+        "rho": p.cost.amount if p.unit == "rho" else None,
         "confidence": 1 - ALPHA,
-        "mechanism": "laplace",
+        "mechanism": "laplace" if p.unit == "epsilon" else "gaussian",
+        "keys": p.spec.keys,
+        **extra,
     }
 
 
-def estimate(prepared: PreparedQuery) -> dict[str, Any]:
-    """Dry run: cost and the half-width of each aggregate's interval, without data."""
-    per_output: dict[str, float | None] = {}
-    for out in prepared.outputs:
-        if out.kind in ("count", "sum"):
-            per_output[out.name] = prepared.accuracy[out.parts[0]]
-        elif out.kind == "mean":
-            per_output[out.name] = None  # depends on the noisy count; reported as interval
-    return {"epsilon": prepared.epsilon, "confidence": 1 - ALPHA, "half_width": per_output}
+def _histogram_cell(p: Plan, out: Output, noisy: dict[str, np.ndarray],
+                    scales: dict[str, float], g: int) -> dict[str, Any]:
+    part = _part(p, out.parts[0])
+    assert part.bins is not None
+    n_bins = len(part.bins) - 1
+    values = noisy[part.name][g * n_bins:(g + 1) * n_bins]
+    hw = _part_half_width(p, part.name, scales[part.name])
+    return {"bins": [[part.bins[i], part.bins[i + 1]] for i in range(n_bins)],
+            "counts": [{"value": float(v), "low": float(v) - hw, "high": float(v) + hw}
+                       for v in values]}

@@ -12,6 +12,9 @@ from sandbox.datasets.schema import ColumnSpec, ColumnType, DatasetSchema
 from sandbox.errors import Invalid
 from sandbox.policies.model import ColumnUse, PolicyDocument
 from sandbox.privacy.spec import QuerySpec
+from sandbox.privacy.units import Cost, UnitMismatch
+
+TOLERANCE = 1e-9
 
 _NUMERIC = {ColumnType.INT, ColumnType.FLOAT}
 
@@ -22,15 +25,20 @@ class QueryRefused(Invalid):
 
 def check_query(spec: QuerySpec, schema: DatasetSchema, policy: PolicyDocument) -> None:
     """Raise ``QueryRefused`` naming the first problem; return ``None`` if the query may run."""
-    if spec.epsilon > policy.budget.per_job_epsilon:
-        raise QueryRefused(f"epsilon {spec.epsilon} is over the policy's per-job cap of "
-                           f"{policy.budget.per_job_epsilon}")
+    _check_cost(spec, policy)
+    for agg in spec.aggregates:
+        if agg.kind not in policy.queries.kinds:
+            raise QueryRefused(f"{agg.kind}: the policy allows only "
+                               f"{', '.join(policy.queries.kinds)}")
+    if spec.keys == "dp" and not policy.queries.dp_keys:
+        raise QueryRefused("keys='dp': the policy does not allow releasing group keys by DP "
+                           "thresholding; group by columns with declared key sets")
     for key in spec.group_by:
         column = _column(schema, key, "group_by")
         _allowed(policy, column.classification.value, ColumnUse.GROUP_BY, key, "group_by")
-        if not column.categories and column.type != ColumnType.BOOL:
+        if spec.keys == "public" and not column.categories and column.type != ColumnType.BOOL:
             raise QueryRefused(f"group_by {key!r}: the owner declared no public key set for "
-                               "this column")
+                               "this column (use keys='dp' if the policy allows it)")
     for flt in spec.filters:
         column = _column(schema, flt.column, "filter")
         _allowed(policy, column.classification.value, ColumnUse.FILTER, flt.column, "filter")
@@ -47,6 +55,34 @@ def check_query(spec: QuerySpec, schema: DatasetSchema, policy: PolicyDocument) 
                                "not numeric")
         if column.bounds is None:
             raise QueryRefused(f"{agg.kind}({agg.column}): the owner declared no bounds")
+        if policy.mode == "sdc" and agg.kind in ("quantile", "median"):
+            raise QueryRefused(f"{agg.kind}: not available under statistical disclosure "
+                               "control (an exact quantile is a single record's value)")
+
+
+def _check_cost(spec: QuerySpec, policy: PolicyDocument) -> None:
+    if policy.mode == "sdc":
+        if spec.has_cost or spec.keys == "dp":
+            raise QueryRefused("this dataset's policy uses statistical disclosure control: "
+                               "queries state no epsilon/rho and use the declared keys")
+        return
+    if not spec.has_cost:
+        raise QueryRefused("state the query's privacy cost as epsilon or rho")
+    cost = Cost.of(epsilon=spec.epsilon, rho=spec.rho, delta=spec.delta)
+    try:
+        charge = cost.in_unit(policy.budget.unit)
+    except UnitMismatch as exc:
+        raise QueryRefused(str(exc)) from None
+    budget = policy.budget
+    if charge.amount > budget.query_cap + TOLERANCE:
+        converted = f" (= {charge.amount:g} {budget.unit})" if charge.converted_from else ""
+        raise QueryRefused(f"{cost}{converted} is over the policy's per-job cap of "
+                           f"{budget.query_cap:g} {budget.unit}")
+    if spec.keys == "dp" and spec.rho is not None:
+        raise QueryRefused("keys='dp' is available with an epsilon cost only")
+    if charge.delta > budget.total_delta:
+        raise QueryRefused(f"delta {charge.delta:g} is over the policy's total delta "
+                           f"{budget.total_delta:g}")
 
 
 def check_grant(policy: PolicyDocument, organisation: str, today: date) -> None:

@@ -1,4 +1,4 @@
-"""Budget: what a dataset has spent and has left (public to everyone signed in)."""
+"""Budget: what a dataset and your organisation have spent and have left."""
 
 from __future__ import annotations
 
@@ -14,14 +14,11 @@ from sandbox.privacy import ledger
 router = APIRouter(prefix="/v1/budget", tags=["budget"])
 
 
-@router.get("/{name}", summary="Epsilon spent and left on a dataset")
+@router.get("/{name}", summary="Budget spent and left on a dataset, in the policy's unit")
 def budget(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     with runtime.db.transaction() as session:
         dataset = catalog.get_dataset(session, name)
         policy = policy_in_force(session, dataset.id)
-        total = document(policy).budget.total_epsilon if policy else 0.0
-        spent = ledger.spent(session, dataset.id)
-        return {"dataset": name, "total_epsilon": total, "spent_epsilon": spent,
-                "left_epsilon": max(0.0, total - spent),
-                "your_organisation_spent_epsilon": ledger.spent(session, dataset.id,
-                                                                principal.org_id)}
+        budget = document(policy).budget if policy else None
+        return {"dataset": name, **ledger.summary(session, dataset.id, budget,
+                                                  principal.org_id)}

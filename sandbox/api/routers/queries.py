@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep
 from sandbox.datasets import catalog
@@ -12,18 +13,39 @@ from sandbox.errors import Conflict
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import engine
 from sandbox.privacy.spec import QuerySpec
+from sandbox.privacy.units import Cost
 from sandbox.privacy.validate import check_query
 
 router = APIRouter(prefix="/v1/queries", tags=["queries"])
 
 
-@router.post("/estimate", summary="Dry run: cost and 95% interval half-widths")
-def estimate(spec: QuerySpec, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
+class EstimateRequest(BaseModel):
+    """One query spec, or a batch of them (``queries``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[QuerySpec] = Field(min_length=1, max_length=100)
+
+
+@router.post("/estimate", summary="Dry run: cost and 95% interval half-widths, no data used")
+def estimate(body: QuerySpec | EstimateRequest, runtime: RuntimeDep,
+             principal: PrincipalDep) -> dict[str, Any]:
+    """Touches neither data nor budget. A batch reports each query and the total cost."""
+    specs = body.queries if isinstance(body, EstimateRequest) else [body]
+    results = []
     with runtime.db.transaction() as session:
-        dataset = catalog.get_dataset(session, spec.dataset)
-        policy = policy_in_force(session, dataset.id)
-        if policy is None:
-            raise Conflict(f"dataset {dataset.name!r} has no approved policy")
-        schema = catalog.schema_of(catalog.latest_version(session, dataset))
-        check_query(spec, schema, document(policy))
-    return engine.estimate(engine.prepare(spec, schema))
+        for spec in specs:
+            dataset = catalog.get_dataset(session, spec.dataset)
+            policy = policy_in_force(session, dataset.id)
+            if policy is None:
+                raise Conflict(f"dataset {dataset.name!r} has no approved policy")
+            doc = document(policy)
+            schema = catalog.schema_of(catalog.latest_version(session, dataset))
+            check_query(spec, schema, doc)
+            estimate = engine.estimate(engine.plan(spec, schema))
+            estimate["charged_as"] = Cost.of(epsilon=spec.epsilon, rho=spec.rho,
+                                             delta=spec.delta).in_unit(doc.budget.unit).amount
+            estimate["budget_unit"] = doc.budget.unit
+            results.append(estimate)
+    if isinstance(body, QuerySpec):
+        return results[0]
+    return {"estimates": results, "total_charged": sum(r["charged_as"] for r in results)}
