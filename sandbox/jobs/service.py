@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -26,16 +26,45 @@ from sandbox.jobs.states import JobStatus, transition
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import ledger
 from sandbox.privacy.spec import QuerySpec
+from sandbox.privacy.sql import compile_sql
 from sandbox.privacy.units import Cost
 from sandbox.privacy.validate import check_grant, check_query
 
 
+class SqlQuery(BaseModel):
+    """DP-SQL text and its privacy cost (the cost is never written in the SQL)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    text: str = Field(min_length=1, max_length=20_000,
+                      examples=["SELECT city, COUNT(*), SUM(annual_revenue) FROM enterprises "
+                                "WHERE industry = 'manufacturing' GROUP BY city"])
+    epsilon: float | None = None
+    rho: float | None = None
+    delta: float | None = None
+    keys: Literal["public", "dp"] = "public"
+
+
 class JobRequest(BaseModel):
-    """What an analyst posts to ``/v1/jobs``."""
+    """What an analyst posts to ``/v1/jobs``: a query spec, or DP-SQL that compiles to one."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: str = Field(default="query", pattern="^query$")
-    query: QuerySpec
+    query: QuerySpec | None = None
+    sql: SqlQuery | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> JobRequest:
+        if (self.query is None) == (self.sql is None):
+            raise ValueError("give exactly one of 'query' (a spec) or 'sql'")
+        return self
+
+    def spec(self) -> QuerySpec:
+        """The query spec (DP-SQL is compiled; errors point at the SQL clause)."""
+        if self.query is not None:
+            return self.query
+        assert self.sql is not None
+        return compile_sql(self.sql.text, epsilon=self.sql.epsilon, rho=self.sql.rho,
+                           delta=self.sql.delta, keys=self.sql.keys)
 
 
 def request_digest(request: JobRequest) -> str:
@@ -57,7 +86,7 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
             if existing.request_sha256 != digest:
                 raise Invalid("Idempotency-Key was already used with a different request body")
             return existing
-    spec = request.query
+    spec = request.spec()
     dataset = catalog.get_dataset(session, spec.dataset)
     policy = policy_in_force(session, dataset.id)
     if policy is None:

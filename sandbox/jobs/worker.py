@@ -167,7 +167,8 @@ class Worker:
                 approximate = doc.budget.total_delta > 0
                 session = open_session(handle, unit=doc.budget.unit, approximate=approximate,
                                        d_in=plan.d_in, left=left[0], delta_left=left[1])
-                content = engine.execute(plan, session, handle, approximate=approximate)
+                content = engine.execute(plan, session, handle, approximate=approximate,
+                                         budget_unit=doc.budget.unit)
         pad_to_quantum(started, doc.timing_quantum_ms)
         log.info("job %s answered in %.2fs", claimed.job_id, time.monotonic() - started)
         return content

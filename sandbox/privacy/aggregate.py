@@ -192,27 +192,36 @@ def quantile_candidates(column: ColumnSpec) -> np.ndarray:
 
 def quantile_scores(lf: pl.LazyFrame, spec: QuerySpec, schema: DatasetSchema, agg: Aggregate,
                     keys: pl.DataFrame | None, candidates: np.ndarray) -> np.ndarray:
-    """``|#(x < c) - q n|`` for each candidate, per group: shape (groups, candidates)."""
+    """``|#(x < c) - q n|`` for each candidate, per group: shape (groups, candidates).
+
+    Candidates are evenly spaced, so one pass suffices: each value's bin is
+    ``floor((x - c_0) / step)`` and ``#(x < c_i)`` is the count of bins below ``i``.
+    """
     assert agg.column is not None
     q = 0.5 if agg.kind == "median" else float(agg.q or 0.5)
     column = schema.column(agg.column)
     lo, hi = bounds(column)
+    m = len(candidates)
+    step = float(candidates[1] - candidates[0]) if m > 1 else 1.0
     value = pl.col(agg.column).cast(pl.Float64)
     if column.type == ColumnType.FLOAT:
         value = value.fill_nan(None)
     value = value.fill_null(lo).clip(lo, hi)
-    edges = candidates.tolist()
-    below = [(value < c).cast(pl.Int64).sum().alias(f"__lt{i}") for i, c in enumerate(edges)]
-    exprs = [pl.len().cast(pl.Int64).alias("__n"), *below]
-    data = filtered(lf, spec)
+    bin_index = ((value - float(candidates[0])) / step).floor().clip(0, m).cast(pl.Int64)
+    data = filtered(lf, spec).select(*spec.group_by, bin_index.alias("__bin"))
+    group = [*spec.group_by, "__bin"]
+    counts = data.group_by(group).agg(pl.len().cast(pl.Int64).alias("__c")).collect()
+    n_groups = keys.height if spec.group_by and keys is not None else 1
+    matrix = np.zeros((n_groups, m + 1), dtype=np.float64)
     if spec.group_by and keys is not None:
-        grouped = data.group_by(list(spec.group_by)).agg(exprs).collect()
-        frame = keys.join(grouped, on=list(spec.group_by), how="left", nulls_equal=True)
+        index = keys.with_row_index("__g")
+        counts = counts.join(index, on=list(spec.group_by), how="inner", nulls_equal=True)
+        rows = counts["__g"].to_numpy()
     else:
-        frame = data.select(exprs).collect()
-    n = frame["__n"].fill_null(0).to_numpy().astype(np.float64)
-    less = np.column_stack([frame[f"__lt{i}"].fill_null(0).to_numpy() for i in
-                            range(len(edges))]).astype(np.float64)
+        rows = np.zeros(counts.height, dtype=np.int64)
+    np.add.at(matrix, (rows, counts["__bin"].to_numpy()), counts["__c"].to_numpy())
+    n = matrix.sum(axis=1)
+    less = np.cumsum(matrix, axis=1)[:, :m] - matrix[:, :m]  # counts of bins below i
     return np.abs(less - q * n[:, None])
 
 

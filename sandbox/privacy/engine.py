@@ -160,15 +160,18 @@ def _rank_error(p: Plan, scale: float, q: Aggregate) -> float:
     return float(2 * scale * np.log(m / ALPHA))
 
 
-def execute(p: Plan, session: Any, handle: mech.DatasetHandle, *,
-            approximate: bool) -> dict[str, Any]:
-    """Run every measurement of the plan through ``session``; the released table."""
+def execute(p: Plan, session: Any, handle: mech.DatasetHandle, *, approximate: bool,
+            budget_unit: str | None = None) -> dict[str, Any]:
+    """Run every measurement of the plan through ``session`` (whose measure is the
+    budget's unit, approximate when the policy has a delta); the released table."""
+    session_unit = budget_unit or p.unit
     spec, schema = p.spec, p.schema
     keys = p.keys
     extra: dict[str, Any] = {}
     try:
         if spec.keys == "dp":
-            keys, extra["threshold"] = _release_keys(p, session, handle, approximate)
+            keys, extra["threshold"] = _release_keys(p, session, handle, approximate,
+                                                     session_unit)
         groups = _groups(p, keys)
         noisy: dict[str, np.ndarray] = {}
         scales: dict[str, float] = {}
@@ -180,7 +183,7 @@ def execute(p: Plan, session: Any, handle: mech.DatasetHandle, *,
 
             calibrated = mech.linear(linear_fn, n_parts=len(p.parts), d_in=p.d_in,
                                      unit=p.unit, budget=p.share)
-            released = np.asarray(session(mech.adapt(calibrated.measurement, p.unit,
+            released = np.asarray(session(mech.adapt(calibrated.measurement, session_unit,
                                                      approximate)), dtype=np.float64)
             offset = 0
             for part, length in zip(p.parts, _lengths(p, groups), strict=True):
@@ -190,19 +193,20 @@ def execute(p: Plan, session: Any, handle: mech.DatasetHandle, *,
                 offset += length
         chosen: dict[str, list[float]] = {}
         for q in p.quantiles:
-            chosen[q.name] = _run_quantile(p, q, keys, groups, session, approximate)
+            chosen[q.name] = _run_quantile(p, q, keys, groups, session, approximate,
+                                           session_unit)
     except Exception as exc:  # data-dependent from here: callers give one generic error
         raise EngineError("a measurement failed") from exc
     return _table(p, keys, groups, noisy, scales, chosen, extra)
 
 
-def _release_keys(p: Plan, session: Any, handle: mech.DatasetHandle,
-                  approximate: bool) -> tuple[pl.DataFrame, float]:
+def _release_keys(p: Plan, session: Any, handle: mech.DatasetHandle, approximate: bool,
+                  session_unit: str) -> tuple[pl.DataFrame, float]:
     spec = p.spec
     calibrated, cut = mech.threshold(
         lambda h: agg.observed_key_counts(h.lazy(p.columns), spec), d_in=p.d_in,
         epsilon=p.threshold_epsilon, delta=p.cost.delta, minimum=10)
-    released = session(mech.adapt(calibrated.measurement, "epsilon", approximate))
+    released = session(mech.adapt(calibrated.measurement, session_unit, approximate))
     rows = [agg.decode_key(k, spec) for k in sorted(released)]
     dtypes = {k: (pl.Boolean if p.schema.column(k).type.value == "bool" else pl.String)
               for k in spec.group_by}
@@ -211,7 +215,7 @@ def _release_keys(p: Plan, session: Any, handle: mech.DatasetHandle,
 
 
 def _run_quantile(p: Plan, q: Aggregate, keys: pl.DataFrame | None, groups: int,
-                  session: Any, approximate: bool) -> list[float]:
+                  session: Any, approximate: bool, session_unit: str) -> list[float]:
     assert q.column is not None
     candidates = agg.quantile_candidates(p.schema.column(q.column))
 
@@ -220,7 +224,7 @@ def _run_quantile(p: Plan, q: Aggregate, keys: pl.DataFrame | None, groups: int,
         return mech.as_floats(matrix.reshape(-1))
 
     calibrated = _quantile_calibration(p, q, max(groups, 1), scores)
-    picks = session(mech.adapt(calibrated.measurement, p.unit, approximate))
+    picks = session(mech.adapt(calibrated.measurement, session_unit, approximate))
     return [float(candidates[int(i)]) for i in picks]
 
 

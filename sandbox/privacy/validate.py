@@ -78,8 +78,9 @@ def _check_cost(spec: QuerySpec, policy: PolicyDocument) -> None:
         converted = f" (= {charge.amount:g} {budget.unit})" if charge.converted_from else ""
         raise QueryRefused(f"{cost}{converted} is over the policy's per-job cap of "
                            f"{budget.query_cap:g} {budget.unit}")
-    if spec.keys == "dp" and spec.rho is not None:
-        raise QueryRefused("keys='dp' is available with an epsilon cost only")
+    if spec.keys == "dp" and (spec.rho is not None or budget.unit != "epsilon"):
+        raise QueryRefused("keys='dp' (thresholding) is available with an epsilon cost on "
+                           "an epsilon budget only")
     if charge.delta > budget.total_delta:
         raise QueryRefused(f"delta {charge.delta:g} is over the policy's total delta "
                            f"{budget.total_delta:g}")

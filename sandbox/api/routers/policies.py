@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from fastapi import APIRouter
@@ -50,6 +51,25 @@ def approve_policy(name: str, version: int, runtime: RuntimeDep,
         if policy is None:
             raise NotFound(f"policy version {version} of {name!r} not found")
         return policy_view(service.approve(session, policy, actor_id=principal.user_id))
+
+
+@router.get("/diff", summary="What changed between two policy versions (owner)")
+def diff_policies(name: str, from_version: int, to_version: int, runtime: RuntimeDep,
+                  principal: PrincipalDep) -> dict[str, Any]:
+    with runtime.db.transaction() as session:
+        dataset = catalog.get_dataset(session, name)
+        check_dataset_owner(principal, dataset)
+        texts = {}
+        for version in (from_version, to_version):
+            policy = session.scalar(select(Policy).where(Policy.dataset_id == dataset.id,
+                                                         Policy.version == version))
+            if policy is None:
+                raise NotFound(f"policy version {version} of {name!r} not found")
+            texts[version] = policy.body_yaml
+    lines = difflib.unified_diff(texts[from_version].splitlines(),
+                                 texts[to_version].splitlines(),
+                                 f"v{from_version}", f"v{to_version}", lineterm="")
+    return {"from_version": from_version, "to_version": to_version, "diff": "\n".join(lines)}
 
 
 @router.get("", summary="Policies of a dataset: all versions for its owner, else the one "

@@ -10,9 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandbox.api.deps import PrincipalDep, RuntimeDep
 from sandbox.datasets import catalog
 from sandbox.errors import Conflict
+from sandbox.jobs.service import SqlQuery
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import engine
 from sandbox.privacy.spec import QuerySpec
+from sandbox.privacy.sql import compile_sql
 from sandbox.privacy.units import Cost
 from sandbox.privacy.validate import check_query
 
@@ -41,6 +43,11 @@ def estimate(body: QuerySpec | EstimateRequest, runtime: RuntimeDep,
             doc = document(policy)
             schema = catalog.schema_of(catalog.latest_version(session, dataset))
             check_query(spec, schema, doc)
+            if doc.mode == "sdc":
+                results.append({"mode": "sdc", "cost": None, "charged_as": 0.0,
+                                "note": "exact aggregates under disclosure control; "
+                                        "always reviewed"})
+                continue
             estimate = engine.estimate(engine.plan(spec, schema))
             estimate["charged_as"] = Cost.of(epsilon=spec.epsilon, rho=spec.rho,
                                              delta=spec.delta).in_unit(doc.budget.unit).amount
@@ -49,3 +56,10 @@ def estimate(body: QuerySpec | EstimateRequest, runtime: RuntimeDep,
     if isinstance(body, QuerySpec):
         return results[0]
     return {"estimates": results, "total_charged": sum(r["charged_as"] for r in results)}
+
+
+@router.post("/compile", summary="Compile DP-SQL to a query spec (no data, no budget)")
+def compile_query(body: SqlQuery, principal: PrincipalDep) -> dict[str, Any]:
+    """Errors point at the SQL clause (422)."""
+    return compile_sql(body.text, epsilon=body.epsilon, rho=body.rho, delta=body.delta,
+                       keys=body.keys).model_dump(mode="json")
