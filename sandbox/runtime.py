@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandbox.config import Settings
+from sandbox.datasets.cache import check_ram_filesystem
 from sandbox.datasets.keyring import Keyring, LocalKeyring
 from sandbox.db import Database
 from sandbox.errors import Conflict
@@ -30,8 +31,14 @@ class Runtime:
         if not keys.key_ids():
             raise NotInitialised(f"no master key in {settings.keys_dir}; run 'sandbox init' "
                                  "first")
+        check_ram_filesystem(settings.tmpfs_dir)
         db = Database(settings.effective_database_url)
         db.migrate()
+        if db.is_sqlite:
+            for suffix in ("", "-wal", "-shm"):
+                path = settings.home / f"sandbox.db{suffix}"
+                if path.exists():
+                    path.chmod(0o600)
         return cls(settings=settings, db=db, keys=keys)
 
     def close(self) -> None:

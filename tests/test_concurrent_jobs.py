@@ -43,7 +43,6 @@ ANSWERED = round(TOTAL / EPSILON)  # 10
 DEADLINE_S = 90.0
 
 
-
 def _tight_policy() -> str:
     """policies/enterprises.yaml with every budget limit at 1.0."""
     text = POLICY_YAML

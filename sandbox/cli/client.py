@@ -117,6 +117,14 @@ class SandboxClient:
         return self._call("POST", "/v1/jobs", json={"kind": "query", "query": query},
                           headers={"Idempotency-Key": key})
 
+    def submit_sql(self, text: str, *, epsilon: float | None = None, rho: float | None = None,
+                   idempotency_key: str | None = None) -> dict[str, Any]:
+        key = idempotency_key or uuid.uuid4().hex
+        return self._call("POST", "/v1/jobs",
+                          json={"kind": "query", "sql": {"text": text, "epsilon": epsilon,
+                                                         "rho": rho}},
+                          headers={"Idempotency-Key": key})
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}")
 

@@ -27,6 +27,8 @@ job_app = typer.Typer(help="Analyst: submit and follow jobs.", no_args_is_help=T
 review_app = typer.Typer(help="Reviewer: the review queue.", no_args_is_help=True)
 audit_app = typer.Typer(help="Admin: the audit log.", no_args_is_help=True)
 keys_app = typer.Typer(help="Admin: master keys.", no_args_is_help=True)
+user_app = typer.Typer(help="Admin: users and tokens.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(policy_app, name="policy")
@@ -74,7 +76,8 @@ def init() -> None:
     """Create the home: database, master key (0600), admin and the demo roles' tokens."""
     from sandbox.cli.home import initialise
     result = initialise(_settings())
-    console.print(f"initialised {result.home}; tokens (shown once) in {result.tokens_file}")
+    console.print(f"initialised {result.home}; one token per demo role is in "
+                  f"{result.tokens_file} (mode 0600); new ones: 'sandbox user token NAME'")
 
 
 @app.command()
@@ -164,9 +167,19 @@ def policy_approve(dataset: str, version: int, url: Url = "http://127.0.0.1:8765
 
 
 @job_app.command("submit")
-def job_submit(query: Path, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+def job_submit(query: Path, url: Url = "http://127.0.0.1:8765", token: Token = "",
+               idempotency_key: Annotated[str | None, typer.Option(
+                   help="Reuse to make a retry return the same job")] = None) -> None:
     """Submit a query job from a JSON query spec file."""
-    _run(lambda: _client(url, token).submit_query(json.loads(query.read_text())))
+    _run(lambda: _client(url, token).submit_query(json.loads(query.read_text()),
+                                                  idempotency_key=idempotency_key))
+
+
+@job_app.command("sql")
+def job_sql(text: str, epsilon: float | None = None, rho: float | None = None,
+            url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """Submit a DP-SQL query job, e.g. "SELECT city, COUNT(*) FROM enterprises GROUP BY city"."""
+    _run(lambda: _client(url, token).submit_sql(text, epsilon=epsilon, rho=rho))
 
 
 @job_app.command("status")
@@ -258,5 +271,57 @@ def audit_verify() -> None:
     raise typer.Exit(1)
 
 
+@user_app.command("add")
+def user_add(name: str, org: Annotated[str, typer.Option(help="Organisation")],
+             role: Annotated[str, typer.Option(help="admin, owner, analyst or reviewer")],
+             create_org: bool = False) -> None:
+    """Admin, on the server: create a user (and optionally its organisation)."""
+    from sandbox.identity.service import Role, create_organisation, create_user
+    from sandbox.runtime import Runtime
+    runtime = Runtime.open(_settings())
+    try:
+        with runtime.db.transaction() as session:
+            if create_org:
+                create_organisation(session, org, actor_id=None)
+            create_user(session, name, org_name=org, role=Role(role), actor_id=None)
+    finally:
+        runtime.close()
+    console.print(f"user {name} ({role}) in {org} created; issue a token with "
+                  f"'sandbox user token {name}'")
+
+
+@user_app.command("token")
+def user_token(name: str, days: Annotated[int, typer.Option(min=1, max=3650)] = 90) -> None:
+    """Admin, on the server: issue a new API token for NAME (printed once)."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from sandbox.db.models import User
+    from sandbox.errors import NotFound
+    from sandbox.identity.service import issue_token
+    from sandbox.runtime import Runtime
+    runtime = Runtime.open(_settings())
+    try:
+        with runtime.db.transaction() as session:
+            user = session.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise NotFound(f"user {name!r} not found")
+            token = issue_token(session, user, actor_id=None, ttl=timedelta(days=days))
+    finally:
+        runtime.close()
+    typer.echo(token)
+
+
+def main() -> None:
+    """Entry point: domain errors become one clean line and exit code 1."""
+    from sandbox.errors import SandboxError
+    try:
+        app()
+    except SandboxError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -112,3 +112,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem ``path`` lives on (from /proc/self/mounts)."""
+    target = str(path.resolve())
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, fstype = point, fields[2]
+    except OSError:
+        return "unknown"
+    return fstype
+
+
+def check_ram_filesystem(path: Path) -> None:
+    """Refuse a plaintext directory that is not RAM-backed (fail closed)."""
+    fstype = filesystem_type(path)
+    if fstype not in RAM_FILESYSTEMS:
+        from sandbox.errors import Conflict
+        raise Conflict(f"SANDBOX_TMPFS_DIR {str(path)!r} is on a {fstype} filesystem, not "
+                       "tmpfs/ramfs: decrypted data must never reach persistent disk")

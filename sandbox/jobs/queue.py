@@ -24,6 +24,11 @@ from sandbox.db import Database
 from sandbox.db.models import Job, as_utc, utcnow
 from sandbox.jobs.states import JobStatus, transition
 
+#: Why a job failed is not told when the failure may depend on the data (a worker crash
+#: can): this is the same wording as any data-dependent failure, plus the state.
+DEAD_LETTER_MESSAGE = ("the query could not be answered on the data; its budget stays "
+                       "charged (data-dependent failures are not described); dead-lettered")
+
 
 class LeaseLost(Exception):
     """The worker no longer holds the job's lease; it must drop its result."""
@@ -47,7 +52,7 @@ def reap_expired(session: Session, *, max_attempts: int) -> int:
         job.lease_owner, job.lease_expires_at = None, None
         job.lease_token += 1  # fence off the old holder
         if job.attempts >= max_attempts:
-            job.error_public = f"the job failed {job.attempts} times and was dead-lettered"
+            job.error_public = DEAD_LETTER_MESSAGE
             transition(session, job, JobStatus.FAILED, actor="system", actor_id=None,
                        detail={"reason": "dead-lettered"})
         else:

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import date
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import select
+from sqlalchemy import Select, false, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sandbox.audit import record
 from sandbox.datasets import catalog
-from sandbox.db.models import Job, Organisation
+from sandbox.db.models import Job, Organisation, as_utc
 from sandbox.errors import Conflict, Invalid, NotFound
 from sandbox.identity.service import Principal, Role
 from sandbox.jobs.states import JobStatus, transition
 from sandbox.policies.service import document, policy_in_force
-from sandbox.privacy import ledger
+from sandbox.privacy import engine, ledger
 from sandbox.privacy.spec import QuerySpec
 from sandbox.privacy.sql import compile_sql
 from sandbox.privacy.units import Cost
@@ -96,8 +97,11 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
     assert org is not None
     check_grant(doc, org.name, today or date.today())
     version = catalog.latest_version(session, dataset)
-    check_query(spec, catalog.schema_of(version), doc)
-    if doc.mode == "dp":  # a public pre-check; the worker's charge is the atomic one
+    schema = catalog.schema_of(version)
+    check_query(spec, schema, doc)
+    if doc.mode == "dp":
+        engine.plan(spec, schema)  # refuses, before queueing, what could never be planned
+        # a public pre-check of the budget; the worker's charge is the atomic one
         charge = Cost.of(epsilon=spec.epsilon, rho=spec.rho).in_unit(doc.budget.unit)
         left = ledger.summary(session, dataset.id, doc.budget, principal.org_id)
         org_left = left["organisation"]["left"]  # type: ignore[index]
@@ -112,8 +116,21 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
               spec=spec.model_dump(mode="json"), epsilon=spec.epsilon, rho=spec.rho,
               status=JobStatus.QUEUED.value, review_required=doc.review_required,
               idempotency_key=idempotency_key, request_sha256=digest)
-    session.add(job)
-    session.flush()
+    if idempotency_key is not None:
+        try:
+            with session.begin_nested():  # a concurrent twin may insert the same key first
+                session.add(job)
+                session.flush()
+        except IntegrityError:
+            existing = session.scalar(select(Job).where(Job.org_id == principal.org_id,
+                                                        Job.idempotency_key == idempotency_key))
+            if existing is None or existing.request_sha256 != digest:
+                raise Invalid("Idempotency-Key was already used with a different request "
+                              "body") from None
+            return existing
+    else:
+        session.add(job)
+        session.flush()
     record(session, actor_id=principal.user_id, action="job.submitted", object_type="job",
            object_id=job.id, detail={"dataset": dataset.name, "epsilon": spec.epsilon,
                                      "rho": spec.rho,
@@ -131,6 +148,18 @@ def visible_job(session: Session, principal: Principal, job_id: str) -> Job:
     if job is None or not can_see_job(principal, job):
         raise NotFound(f"job {job_id!r} not found")
     return job
+
+
+def visible_jobs_query(principal: Principal) -> Select[Any]:
+    """The jobs ``principal`` may see, as a query (the same rule as ``can_see_job``)."""
+    query = select(Job)
+    if principal.role == Role.ADMIN:
+        return query
+    if principal.role == Role.REVIEWER:
+        return query.where(Job.org_id != principal.org_id)
+    if principal.role == Role.ANALYST:
+        return query.where(Job.org_id == principal.org_id)
+    return query.where(false())
 
 
 def can_see_job(principal: Principal, job: Job) -> bool:
@@ -157,6 +186,12 @@ def job_view(job: Job) -> dict[str, Any]:
         "id": job.id, "status": job.status, "kind": job.kind, "dataset_version":
         job.dataset_version, "epsilon": job.epsilon, "query": job.spec,
         "review_required": job.review_required, "error": job.error_public,
-        "attempts": job.attempts, "created_at": job.created_at.isoformat(),
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "attempts": job.attempts, "created_at": _iso(job.created_at),
+        "finished_at": _iso(job.finished_at),
     }
+
+
+def _iso(value: datetime | None) -> str | None:
+    """UTC timestamps with an explicit offset, whichever database they came from."""
+    moment = as_utc(value)
+    return moment.isoformat() if moment else None

@@ -13,11 +13,13 @@ The worker is trusted code. For a query job it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import select
@@ -158,8 +160,7 @@ class Worker:
              schema: DatasetSchema, doc: PolicyDocument, buffer: bytearray,
              left: tuple[float, float]) -> dict[str, Any]:
         started = time.monotonic()
-        with materialise(buffer, self.settings.tmpfs_dir) as path:
-            heartbeat(self.db, claimed, lease_seconds=self.settings.lease_seconds)
+        with materialise(buffer, self.settings.tmpfs_dir) as path, self._keep_lease(claimed):
             handle = DatasetHandle(path)
             if plan is None:
                 content = sdc_engine.execute(spec, schema, doc.sdc, handle)
@@ -172,6 +173,30 @@ class Worker:
         pad_to_quantum(started, doc.timing_quantum_ms)
         log.info("job %s answered in %.2fs", claimed.job_id, time.monotonic() - started)
         return content
+
+    @contextlib.contextmanager
+    def _keep_lease(self, claimed: Claim) -> Iterator[None]:
+        """Renew the lease every third of its length while a long query runs."""
+        done = threading.Event()
+        interval = max(self.settings.lease_seconds / 3, 0.05)
+
+        def renew() -> None:
+            while not done.wait(interval):
+                try:
+                    heartbeat(self.db, claimed, lease_seconds=self.settings.lease_seconds)
+                except LeaseLost:
+                    return
+                except Exception:  # a transient database error: try again next time
+                    log.warning("job %s: heartbeat failed", claimed.job_id)
+
+        heartbeat(self.db, claimed, lease_seconds=self.settings.lease_seconds)
+        thread = threading.Thread(target=renew, name=f"lease-{claimed.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def _complete(self, claimed: Claim, content: dict[str, Any]) -> None:
         with fenced(self.db, claimed) as (session, job):

@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from sandbox.datasets.schema import ColumnSpec, ColumnType, DatasetSchema
+from sandbox.errors import Invalid
 from sandbox.privacy.spec import Aggregate, Filter, QuerySpec
 
 MAX_GROUPS = 10_000
@@ -35,8 +36,8 @@ FIXED_POINT_STEPS = 2**20
 QUANTILE_CANDIDATES = 256
 
 
-class AggregationError(ValueError):
-    """The query cannot be planned (public reasons only)."""
+class AggregationError(Invalid):
+    """The query cannot be planned (public reasons only; HTTP 422)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from sandbox.runtime import Runtime
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-_FORMATS = {"csv": ".csv", "parquet": ".parquet"}
+_FORMATS = {"csv": ".csv", "parquet": ".parquet", "pq": ".parquet"}
 
 
 @router.post("", status_code=201, summary="Register a dataset (or a new version of one)")

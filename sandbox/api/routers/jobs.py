@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
-from sqlalchemy import select
+from fastapi import APIRouter, Header, Query
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
 from sandbox.db.models import Job
@@ -27,11 +26,15 @@ def submit_job(body: service.JobRequest, runtime: RuntimeDep, principal: Princip
         return service.job_view(job)
 
 
-@router.get("", summary="Jobs of your organisation (analyst) or all (admin)")
-def list_jobs(runtime: RuntimeDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+@router.get("", summary="Jobs you may see: your organisation's (analyst), others' "
+                        "(reviewer), all (admin); newest first")
+def list_jobs(runtime: RuntimeDep, principal: PrincipalDep,
+              limit: Annotated[int, Query(ge=1, le=500)] = 100,
+              offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
     with runtime.db.transaction() as session:
-        rows = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(200))
-        return [service.job_view(j) for j in rows if service.can_see_job(principal, j)]
+        query = service.visible_jobs_query(principal).order_by(Job.created_at.desc())
+        rows = session.scalars(query.limit(limit).offset(offset)).all()
+        return [service.job_view(j) for j in rows]
 
 
 @router.get("/{job_id}", summary="A job's status")

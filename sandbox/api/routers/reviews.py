@@ -6,10 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
-from sandbox.db.models import JobResult
-from sandbox.identity.service import Role
+from sandbox.db.models import Job, JobResult
+from sandbox.errors import Forbidden
+from sandbox.identity.service import Principal, Role
 from sandbox.jobs import service as jobs
 from sandbox.review import service
 
@@ -38,11 +40,20 @@ def detail(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[st
                 "sha256": result.content_sha256 if result else None}
 
 
+def _reviewable(session: Session, principal: Principal, job_id: str) -> Job:
+    """The job to decide on: 403 for a job of the reviewer's own organisation (a forbidden
+    action, audited), 404 for a missing one."""
+    job = session.get(Job, job_id)
+    if job is not None and job.org_id == principal.org_id:
+        raise Forbidden("reviewers may not review jobs of their own organisation")
+    return jobs.visible_job(session, principal, job_id)
+
+
 @router.post("/{job_id}/approve", summary="Approve and release the output")
 def approve(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     require_role(principal, Role.REVIEWER)
     with runtime.db.transaction() as session:
-        job = jobs.visible_job(session, principal, job_id)
+        job = _reviewable(session, principal, job_id)
         release = service.approve(session, principal, job)
         return {"job": jobs.job_view(job), "release": {"id": release.id,
                                                         "sha256": release.content_sha256}}
@@ -53,7 +64,7 @@ def reject(job_id: str, body: Rejection, runtime: RuntimeDep,
            principal: PrincipalDep) -> dict[str, Any]:
     require_role(principal, Role.REVIEWER)
     with runtime.db.transaction() as session:
-        job = jobs.visible_job(session, principal, job_id)
+        job = _reviewable(session, principal, job_id)
         service.reject(session, principal, job, body.reason)
         job.error_public = f"rejected by review: {body.reason}"
         return jobs.job_view(job)
