@@ -1,0 +1,1 @@
+"""Isolation backends for analyst scripts behind one contract, and the broker protocol."""

@@ -1,0 +1,184 @@
+"""The bubblewrap backend (the default; daemonless).
+
+The worker (root, or any user) forks; the child joins the job's cgroups, sets rlimits,
+drops to a per-job unprivileged uid with no supplementary groups, asks for SIGKILL if
+the worker dies, and execs ``bwrap``, which unshares every namespace (user, pid, net,
+ipc, uts, cgroup), mounts the host's ``/usr`` and the runtime read-only, a size-capped
+tmpfs as ``/tmp``, a fresh ``/proc`` and minimal ``/dev``, clears the environment,
+installs the seccomp filter (``sandbox.runner.seccomp``) and runs Python in isolated mode.
+Nothing of the host's data directory, keys, database or sockets is mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from sandbox.runner import limits as cg
+from sandbox.runner.contract import (
+    Executor,
+    Exit,
+    IsolationUnavailable,
+    Prepared,
+    Running,
+    SandboxRequest,
+)
+from sandbox.runner.runtime import ensure_runtime
+from sandbox.runner.seccomp import program
+
+STDERR_CAP = 64 * 1024
+_PR_SET_PDEATHSIG = 1
+BOOT = ("import sys; sys.path[:0] = ['/opt/sandbox']; "
+        "from sandbox.sdk.bootstrap import main; sys.exit(main())")
+
+
+def _uid_for(job_id: str) -> int:
+    """A per-job unprivileged uid (no passwd entry needed), so per-uid limits and
+    signals never reach another job's processes."""
+    return 200_000 + int(job_id[:8], 16) % 100_000 if job_id[:8].isalnum() else 65534
+
+
+class BubblewrapExecutor(Executor):
+    name = "bubblewrap"
+
+    def __init__(self, root: Path = Path("/var/lib/sandbox-runtime"),
+                 bwrap: str = "bwrap") -> None:
+        self.root = root
+        self.bwrap = shutil.which(bwrap) or bwrap
+        self.limits_mode = cg.detect()
+
+    def check_available(self) -> None:
+        if not shutil.which(self.bwrap):
+            raise IsolationUnavailable("bubblewrap is not installed (apt-get install "
+                                       "bubblewrap); script jobs are refused")
+        probe = subprocess.run(
+            [self.bwrap, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink",
+             "usr/lib64", "/lib64", "--symlink", "usr/lib", "/lib", "--", "/usr/bin/true"],
+            capture_output=True, preexec_fn=self._drop(65534, None), timeout=30)
+        if probe.returncode != 0:
+            raise IsolationUnavailable("bubblewrap cannot create namespaces here: "
+                                       f"{probe.stderr.decode(errors='replace')[:200]}")
+
+    def prepare(self, request: SandboxRequest) -> Prepared:
+        site = ensure_runtime(self.root)
+        workdir = self.root / "jobs" / request.job_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root / "jobs", 0o711)
+        os.chmod(workdir, 0o755)
+        script = workdir / "script.py"
+        script.write_text(request.script)
+        os.chmod(script, 0o644)
+        return Prepared(request, workdir, {"site": site})
+
+    def _drop(self, uid: int, cgroup: cg.Cgroup | None,
+              request: SandboxRequest | None = None):  # type: ignore[no-untyped-def]
+        def child() -> None:
+            if cgroup is not None:
+                cgroup.join(os.getpid())
+                assert request is not None
+                cg.apply_rlimits(request.limits, cgroup)
+            os.setsid()
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        return child
+
+    def _argv(self, prepared: Prepared, seccomp_fd: int) -> list[str]:
+        scratch = str(prepared.request.limits.scratch_bytes)
+        argv = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+                "--clearenv", "--setenv", "PATH", "/usr/bin", "--setenv", "HOME", "/tmp",
+                "--setenv", "MPLCONFIGDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
+                "--hostname", "sandbox",
+                "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
+                "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
+                "--ro-bind", str(prepared.extra["site"]), "/opt/sandbox",
+                "--ro-bind", str(prepared.workdir / "script.py"), "/job/script.py",
+                "--proc", "/proc", "--dev", "/dev",
+                "--size", scratch, "--tmpfs", "/tmp",
+                "--chdir", "/tmp", "--seccomp", str(seccomp_fd)]
+        if Path("/etc/ld.so.cache").exists():
+            argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+        return [*argv, "--", "/usr/bin/python3", "-I", "-S", "-c", BOOT, "/job/script.py"]
+
+    def start(self, prepared: Prepared) -> Running:
+        request = prepared.request
+        cgroup = cg.create(request.job_id, request.limits)
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, program())
+        os.close(write_fd)
+        try:
+            proc = subprocess.Popen(
+                self._argv(prepared, read_fd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=(read_fd,), close_fds=True, env={},
+                preexec_fn=self._drop(_uid_for(request.job_id), cgroup, request))
+        finally:
+            os.close(read_fd)
+        stderr: list[bytes] = []
+
+        def drain() -> None:
+            assert proc.stderr is not None
+            total = 0
+            while chunk := proc.stderr.read(4096):
+                if total < STDERR_CAP:
+                    stderr.append(chunk[:STDERR_CAP - total])
+                    total += len(chunk)
+
+        thread = threading.Thread(target=drain, daemon=True)
+        thread.start()
+        assert proc.stdin is not None and proc.stdout is not None
+        return Running(prepared, proc.stdin, proc.stdout,
+                       {"proc": proc, "cgroup": cgroup, "stderr": stderr, "thread": thread,
+                        "started": time.monotonic()})
+
+    def wait(self, running: Running, timeout: float) -> Exit:
+        proc: subprocess.Popen[bytes] = running.handle["proc"]
+        try:
+            proc.wait(timeout=max(timeout, 0))
+        except subprocess.TimeoutExpired:
+            self.kill(running, "time limit")
+            proc.wait()
+        running.handle["thread"].join(timeout=5)
+        stderr = b"".join(running.handle["stderr"]).decode(errors="replace")
+        cgroup: cg.Cgroup = running.handle["cgroup"]
+        code = proc.returncode
+        status, sig = (code, None) if code >= 0 else (None, -code)
+        if running.killed_reason:
+            reason = running.killed_reason
+        elif cgroup.memory_exceeded() or "MemoryError" in stderr:
+            reason = "memory limit"
+        elif sig in (signal.SIGXCPU, signal.SIGKILL) and \
+                time.monotonic() - running.handle["started"] < timeout:
+            reason = "time limit" if sig == signal.SIGXCPU else "killed"
+        elif sig is not None:
+            reason = "crashed"
+        else:
+            reason = "ok" if code == 0 else "error"
+        return Exit(status, sig, reason, stderr)
+
+    def kill(self, running: Running, reason: str = "killed") -> None:
+        if running.killed_reason is None:
+            running.killed_reason = reason
+        cgroup: cg.Cgroup = running.handle["cgroup"]
+        cgroup.kill_all()
+        proc: subprocess.Popen[bytes] = running.handle["proc"]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+    def cleanup(self, prepared: Prepared) -> None:
+        cg.Cgroup(cg.detect(), []).remove()
+        for controller in ("", "memory/", "pids/", "cpu/"):
+            path = cg.ROOT / f"{controller}sandbox" / f"sbx-{prepared.request.job_id[:24]}"
+            if path.is_dir():
+                cg.Cgroup("cleanup", [path]).remove()
+        shutil.rmtree(prepared.workdir, ignore_errors=True)

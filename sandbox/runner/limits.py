@@ -1,0 +1,138 @@
+"""Resource limits for a sandbox: cgroups (v2, or v1 as on hybrid hosts) when writable,
+otherwise rlimits — and the mode in force is reported, never silently weaker.
+
+cgroup v2: one directory under ``/sys/fs/cgroup/sandbox/`` with ``memory.max``,
+``pids.max`` and ``cpu.max``. cgroup v1: one directory per controller
+(``memory``, ``pids``, ``cpu``). The child joins its cgroups before it drops privileges
+and execs bubblewrap, so every process of the sandbox is inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox.runner.contract import Limits
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class Cgroup:
+    mode: str  # "cgroup2", "cgroup1" or "rlimits"
+    paths: list[Path] = field(default_factory=list)
+
+    def join(self, pid: int) -> None:
+        for path in self.paths:
+            (path / "cgroup.procs").write_text(str(pid))
+
+    def memory_exceeded(self) -> bool:
+        for path in self.paths:
+            events = path / "memory.events"
+            if events.exists():
+                for line in events.read_text().splitlines():
+                    name, _, value = line.partition(" ")
+                    if name in ("oom_kill", "oom") and int(value) > 0:
+                        return True
+            failcnt = path / "memory.failcnt"
+            if failcnt.exists() and int(failcnt.read_text() or 0) > 0:
+                oom = path / "memory.oom_control"
+                if oom.exists() and "oom_kill 0" not in oom.read_text():
+                    return True
+        return False
+
+    def kill_all(self) -> None:
+        for path in self.paths:
+            kill = path / "cgroup.kill"
+            if kill.exists():
+                with contextlib.suppress(OSError):
+                    kill.write_text("1")
+            procs = path / "cgroup.procs"
+            if procs.exists():
+                for pid in procs.read_text().split():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(int(pid), 9)
+
+    def remove(self) -> None:
+        for path in self.paths:
+            for _ in range(50):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    self.kill_all()
+                    import time
+                    time.sleep(0.02)
+
+
+def detect() -> str:
+    if (ROOT / "cgroup.controllers").exists() and os.access(ROOT, os.W_OK):
+        return "cgroup2"
+    if all((ROOT / c).is_dir() and os.access(ROOT / c, os.W_OK)
+           for c in ("memory", "pids", "cpu")):
+        return "cgroup1"
+    return "rlimits"
+
+
+def create(job_id: str, limits: Limits) -> Cgroup:
+    """A cgroup for one job with the limits written, or the rlimits fallback."""
+    mode = detect()
+    name = f"sbx-{job_id[:24]}"
+    try:
+        if mode == "cgroup2":
+            parent = ROOT / "sandbox"
+            parent.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                (ROOT / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+                (parent / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+            path = parent / name
+            path.mkdir(exist_ok=True)
+            (path / "memory.max").write_text(str(limits.memory_bytes))
+            with contextlib.suppress(OSError):
+                (path / "memory.swap.max").write_text("0")
+            (path / "pids.max").write_text(str(limits.processes))
+            (path / "cpu.max").write_text("100000 100000")
+            return Cgroup("cgroup2", [path])
+        if mode == "cgroup1":
+            paths = []
+            for controller in ("memory", "pids", "cpu"):
+                path = ROOT / controller / "sandbox" / name
+                path.mkdir(parents=True, exist_ok=True)
+                paths.append(path)
+            (paths[0] / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+            with contextlib.suppress(OSError):
+                (paths[0] / "memory.memsw.limit_in_bytes").write_text(str(limits.memory_bytes))
+            (paths[1] / "pids.max").write_text(str(limits.processes))
+            (paths[2] / "cpu.cfs_period_us").write_text("100000")
+            (paths[2] / "cpu.cfs_quota_us").write_text("100000")
+            return Cgroup("cgroup1", paths)
+    except OSError:
+        pass
+    return Cgroup("rlimits")
+
+
+def apply_rlimits(limits: Limits, cgroup: Cgroup) -> None:
+    """In the child before exec: limits that hold whatever the cgroup mode."""
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.scratch_bytes, limits.scratch_bytes))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    if cgroup.mode == "rlimits":
+        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+
+
+def cleanup_stale() -> None:
+    """Remove job cgroups left by a killed worker (empty ones only)."""
+    for base in (ROOT / "sandbox", ROOT / "memory" / "sandbox", ROOT / "pids" / "sandbox",
+                 ROOT / "cpu" / "sandbox"):
+        if base.is_dir():
+            for path in base.iterdir():
+                if path.is_dir() and path.name.startswith("sbx-"):
+                    with contextlib.suppress(OSError):
+                        path.rmdir()

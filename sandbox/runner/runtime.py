@@ -1,0 +1,84 @@
+"""The sandbox runtime: the SDK and the allowed libraries, readable by the sandbox's uid.
+
+Built once (``ensure_runtime``) by copying the installed distributions named in
+``ALLOWED_DISTRIBUTIONS`` and the SDK (``sandbox/__init__.py`` + ``sandbox/sdk``) out of
+the trusted environment into a world-readable directory; the sandbox sees it read-only.
+The server side of the product (settings, database, keys, engine) is never copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import os
+import shutil
+from pathlib import Path
+
+import sandbox
+
+ALLOWED_DISTRIBUTIONS = (
+    "numpy", "polars", "polars-runtime-32", "pyarrow", "matplotlib", "contourpy", "cycler",
+    "fonttools", "kiwisolver", "packaging", "pillow", "pyparsing", "python-dateutil", "six",
+)
+
+
+def _files(dist_name: str) -> list[Path]:
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        return []
+    return [Path(str(dist.locate_file(f))) for f in (dist.files or [])
+            if not str(f).startswith("..") and "__pycache__" not in str(f)]
+
+
+def runtime_key() -> str:
+    digest = hashlib.sha256()
+    for name in ALLOWED_DISTRIBUTIONS:
+        try:
+            digest.update(f"{name}=={md.version(name)}".encode())
+        except md.PackageNotFoundError:
+            continue
+    sdk = Path(sandbox.__file__).parent / "sdk"
+    for path in sorted(sdk.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def ensure_runtime(root: Path) -> Path:
+    """The site-packages directory of the runtime under ``root`` (built if missing)."""
+    target = root / f"runtime-{runtime_key()}"
+    site = target / "site-packages"
+    if (target / ".complete").exists():
+        return site
+    staging = root / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "site-packages" / "sandbox" / "sdk").mkdir(parents=True)
+    base = Path(md.distribution("numpy").locate_file(""))
+    for name in ALLOWED_DISTRIBUTIONS:
+        for source in _files(name):
+            if not source.is_file():
+                continue
+            try:
+                relative = source.relative_to(base)
+            except ValueError:
+                continue
+            destination = staging / "site-packages" / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination)
+    package = Path(sandbox.__file__).parent
+    (staging / "site-packages" / "sandbox" / "__init__.py").write_text(
+        '"""The sandbox SDK runtime (server parts are not present here)."""\n')
+    for path in (package / "sdk").glob("*.py"):
+        shutil.copy2(path, staging / "site-packages" / "sandbox" / "sdk" / path.name)
+    for directory, _dirs, files in os.walk(staging):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    (staging / ".complete").write_text("ok\n")
+    try:
+        staging.rename(target)
+    except OSError:  # another worker finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return site

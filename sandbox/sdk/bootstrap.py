@@ -1,0 +1,68 @@
+"""The first code that runs inside the sandbox: wire the channel, run the script.
+
+``python -I -S -m sandbox.sdk.bootstrap /job/script.py`` (isolated mode: no environment
+variables, no user site). The original stdin/stdout become the broker channel; fd 1 is
+then pointed at /dev/null so nothing but frames can reach the broker, and ``print``
+output is captured and sent as ``log`` messages (capped). Whatever the script does, the
+exit status and the ``done`` message tell the broker how it ended.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import runpy
+import sys
+import traceback
+
+from sandbox.sdk import channel, protocol
+
+LOG_CAP = 1024 * 1024
+
+
+class _Log(io.TextIOBase):
+    """A text stream that forwards writes as ``log`` frames, up to ``LOG_CAP`` bytes."""
+
+    sent = 0
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text and _Log.sent < LOG_CAP:
+            chunk = text[: LOG_CAP - _Log.sent]
+            _Log.sent += len(chunk)
+            channel.send({"type": "log", "stream": self.stream, "text": chunk})
+        return len(text)
+
+
+def main() -> int:
+    script = sys.argv[1]
+    reader = os.fdopen(os.dup(0), "rb", buffering=0)
+    writer = os.fdopen(os.dup(1), "wb", buffering=0)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    channel.connect(reader, writer)
+    sys.stdout = _Log("stdout")
+    sys.stderr = _Log("stderr")
+    status = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        sys.stderr.write(traceback.format_exc())
+        status = 1
+    try:
+        protocol.write(writer, {"type": "done", "status": status})
+    except OSError:
+        pass
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The broker protocol: framed JSON messages over a pipe, versioned and size-capped.
+
+Frame: 4-byte big-endian length, then that many bytes of UTF-8 JSON, an object with
+``"v"`` (protocol version) and ``"type"``. The sandbox writes requests on its stdout and
+reads replies on its stdin; it never sees a file, a socket or a row.
+
+Requests (sandbox -> broker):
+- ``{"type": "query", "id": n, "spec": {...}}``: a query spec (``sandbox.privacy.spec``);
+- ``{"type": "emit", "name": s, "kind": "table"|"text"|"figure", "payload": ...}``;
+- ``{"type": "log", "stream": "stdout"|"stderr", "text": s}``: captured prints;
+- ``{"type": "done"}``: the script finished.
+Replies (broker -> sandbox): ``{"type": "release", "id": n, "table": {...}}`` or
+``{"type": "error", "id": n, "detail": s}`` (public reasons only).
+
+It lives in the SDK (which the server may import, never the reverse): no server imports.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, BinaryIO
+
+VERSION = 1
+MAX_FRAME = 8 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A malformed, oversized or unexpected frame: the job fails."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body = json.dumps({"v": VERSION, **message}, separators=(",", ":"),
+                      allow_nan=False).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte cap")
+    return _LEN.pack(len(body)) + body
+
+
+def write(stream: BinaryIO, message: dict[str, Any]) -> None:
+    stream.write(encode(message))
+    stream.flush()
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def read(stream: BinaryIO, max_frame: int = MAX_FRAME) -> dict[str, Any]:
+    """The next message; ``EOFError`` at a clean end, ``ProtocolError`` on anything odd."""
+    header = stream.read(_LEN.size)
+    if not header:
+        raise EOFError
+    if len(header) < _LEN.size:
+        header += _read_exact(stream, _LEN.size - len(header))
+    (length,) = _LEN.unpack(header)
+    if length > max_frame:
+        raise ProtocolError(f"frame of {length} bytes is over the {max_frame}-byte cap")
+    try:
+        body = _read_exact(stream, length)
+    except EOFError:
+        raise ProtocolError("the stream ended inside a frame") from None
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("a frame is not valid JSON") from None
+    if not isinstance(message, dict) or message.get("v") != VERSION or \
+            not isinstance(message.get("type"), str):
+        raise ProtocolError(f"a frame is not a version-{VERSION} message")
+    return message
