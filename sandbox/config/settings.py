@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     decrypted_cache_bytes: int = Field(
         default=2 * 1024**3, description="Worker's in-memory cache of decrypted datasets"
     )
+    runner_backend: Literal["bubblewrap", "docker", "stub"] = Field(
+        default="bubblewrap", description="isolation for script jobs; 'stub' is for tests "
+        "and refused when environment is prod")
+    runner_root: Path = Field(default=Path("/var/lib/sandbox-runtime"),
+                              description="world-readable runtime and per-job script dirs")
+    docker_image: str = "sandbox-runner:latest"
+    docker_runtime: str | None = Field(default=None, description="e.g. runsc for gVisor")
     tmpfs_dir: Path = Field(
         default=Path("/dev/shm"), description="RAM-backed directory for transient plaintext"
     )

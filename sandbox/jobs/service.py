@@ -23,6 +23,7 @@ from sandbox.datasets import catalog
 from sandbox.db.models import Job, Organisation, as_utc
 from sandbox.errors import Conflict, Invalid, NotFound
 from sandbox.identity.service import Principal, Role
+from sandbox.jobs.screen import screen
 from sandbox.jobs.states import JobStatus, transition
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import engine, ledger
@@ -45,18 +46,32 @@ class SqlQuery(BaseModel):
     keys: Literal["public", "dp"] = "public"
 
 
-class JobRequest(BaseModel):
-    """What an analyst posts to ``/v1/jobs``: a query spec, or DP-SQL that compiles to one."""
+class ScriptRequest(BaseModel):
+    """An analyst's Python script for one dataset; ``mock`` runs it on mock data."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: str = Field(default="query", pattern="^query$")
+    dataset: str = Field(min_length=1, max_length=64)
+    source: str = Field(min_length=1, max_length=256 * 1024)
+    mode: Literal["real", "mock"] = "real"
+
+
+class JobRequest(BaseModel):
+    """What an analyst posts to ``/v1/jobs``: a query spec, DP-SQL that compiles to one, or
+    a script."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: Literal["query", "script"] = "query"
     query: QuerySpec | None = None
     sql: SqlQuery | None = None
+    script: ScriptRequest | None = None
 
     @model_validator(mode="after")
     def _one(self) -> JobRequest:
-        if (self.query is None) == (self.sql is None):
-            raise ValueError("give exactly one of 'query' (a spec) or 'sql'")
+        given = [name for name in ("query", "sql", "script") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'query' (a spec), 'sql' or 'script'")
+        if (self.kind == "script") != (self.script is not None):
+            raise ValueError("kind 'script' goes with 'script', kind 'query' with 'query'/'sql'")
         return self
 
     def spec(self) -> QuerySpec:
@@ -87,6 +102,9 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
             if existing.request_sha256 != digest:
                 raise Invalid("Idempotency-Key was already used with a different request body")
             return existing
+    if request.script is not None:
+        return _submit_script(session, principal, request, digest, idempotency_key,
+                              today or date.today())
     spec = request.spec()
     dataset = catalog.get_dataset(session, spec.dataset)
     policy = policy_in_force(session, dataset.id)
@@ -116,6 +134,36 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
               spec=spec.model_dump(mode="json"), epsilon=spec.epsilon, rho=spec.rho,
               status=JobStatus.QUEUED.value, review_required=doc.review_required,
               idempotency_key=idempotency_key, request_sha256=digest)
+    return _insert(session, principal, job, dataset.name, digest, idempotency_key)
+
+
+def _submit_script(session: Session, principal: Principal, request: JobRequest, digest: str,
+                   idempotency_key: str | None, today: date) -> Job:
+    """Screen the script (422 naming the line) and queue it; queries are charged as the
+    script sends them, each against the policy's limits."""
+    script = request.script
+    assert script is not None
+    screen(script.source)
+    dataset = catalog.get_dataset(session, script.dataset)
+    policy = policy_in_force(session, dataset.id)
+    if policy is None:
+        raise Conflict(f"dataset {dataset.name!r} has no approved policy; no script can run")
+    doc = document(policy)
+    org = session.get(Organisation, principal.org_id)
+    assert org is not None
+    check_grant(doc, org.name, today)
+    version = catalog.latest_version(session, dataset)
+    job = Job(dataset_id=dataset.id, dataset_version=version.version, org_id=principal.org_id,
+              submitted_by=principal.user_id, policy_id=policy.id, kind="script",
+              spec={"dataset": dataset.name, "source": script.source, "mode": script.mode},
+              epsilon=None, rho=None, status=JobStatus.QUEUED.value,
+              review_required=doc.review_required and script.mode == "real",
+              idempotency_key=idempotency_key, request_sha256=digest)
+    return _insert(session, principal, job, dataset.name, digest, idempotency_key)
+
+
+def _insert(session: Session, principal: Principal, job: Job, dataset_name: str, digest: str,
+            idempotency_key: str | None) -> Job:
     if idempotency_key is not None:
         try:
             with session.begin_nested():  # a concurrent twin may insert the same key first
@@ -132,9 +180,8 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
         session.add(job)
         session.flush()
     record(session, actor_id=principal.user_id, action="job.submitted", object_type="job",
-           object_id=job.id, detail={"dataset": dataset.name, "epsilon": spec.epsilon,
-                                     "rho": spec.rho,
-                                     "policy_version": policy.version})
+           object_id=job.id, detail={"dataset": dataset_name, "kind": job.kind,
+                                     "epsilon": job.epsilon, "rho": job.rho})
     return job
 
 

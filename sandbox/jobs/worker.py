@@ -33,6 +33,7 @@ from sandbox.datasets.schema import DatasetSchema
 from sandbox.db import Database
 from sandbox.db.models import DatasetVersion, Job, JobResult, Policy
 from sandbox.errors import SandboxError
+from sandbox.jobs import scripts
 from sandbox.jobs.queue import Claim, LeaseLost, claim, fenced, heartbeat
 from sandbox.jobs.states import JobStatus, transition
 from sandbox.policies.model import PolicyDocument
@@ -41,6 +42,8 @@ from sandbox.privacy.broker import pad_to_quantum
 from sandbox.privacy.mechanisms import DatasetHandle, open_session
 from sandbox.privacy.spec import QuerySpec
 from sandbox.review.service import content_digest, create_release
+from sandbox.runner.contract import Executor, IsolationUnavailable
+from sandbox.runner.factory import make_executor
 
 log = logging.getLogger("sandbox.worker")
 
@@ -59,6 +62,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self.cache = DecryptedCache(settings.decrypted_cache_bytes)
+        self._runner: Executor | None = None
         reap_orphans(settings.tmpfs_dir)
 
     def stop(self) -> None:
@@ -94,14 +98,19 @@ class Worker:
         with self.db.transaction() as session:
             job = session.get(Job, claimed.job_id)
             assert job is not None
+            kind = job.kind
             version = session.scalar(select(DatasetVersion).where(
                 DatasetVersion.dataset_id == job.dataset_id,
                 DatasetVersion.version == job.dataset_version))
             policy = session.get(Policy, job.policy_id)
             assert version is not None and policy is not None
-            spec = QuerySpec.model_validate(job.spec)
             doc = PolicyDocument.model_validate(policy.body)
+            raw_spec = dict(job.spec)
         schema = catalog.schema_of(version)
+        if kind == "script":
+            self._process_script(claimed, raw_spec, version, schema, doc)
+            return
+        spec = QuerySpec.model_validate(raw_spec)
         try:
             plan = engine.plan(spec, schema) if doc.mode == "dp" else None
         except Exception:
@@ -173,6 +182,59 @@ class Worker:
         pad_to_quantum(started, doc.timing_quantum_ms)
         log.info("job %s answered in %.2fs", claimed.job_id, time.monotonic() - started)
         return content
+
+    def _process_script(self, claimed: Claim, raw: dict[str, Any], version: DatasetVersion,
+                        schema: DatasetSchema, doc: PolicyDocument) -> None:
+        try:
+            executor = self._executor()
+        except IsolationUnavailable as exc:
+            self._fail(claimed, f"script jobs are refused here: {exc}")
+            return
+        mode, source, dataset = raw["mode"], raw["source"], raw["dataset"]
+        if mode == "mock":
+            with self._keep_lease(claimed):
+                outcome = scripts.run_mock(executor, job_id=claimed.job_id, source=source,
+                                           dataset=dataset, schema=schema, doc=doc,
+                                           tmpfs_dir=self.settings.tmpfs_dir)
+            self._finish_script(claimed, outcome, mode)
+            return
+        try:
+            buffer = self._load(version)
+        except (KeyUnavailable, store.IntegrityError) as exc:
+            log.error("job %s: %s", claimed.job_id, exc)
+            self._fail(claimed, "the dataset is not available (key or integrity); nothing "
+                                "was charged")
+            return
+        with self.db.transaction() as session:
+            job = session.get(Job, claimed.job_id)
+            assert job is not None
+            left = ledger.left_for(session, dataset_id=job.dataset_id, org_id=job.org_id,
+                                   job_id=job.id, budget=doc.budget)
+
+        def charge(seq: int, cost: Any) -> None:
+            with fenced(self.db, claimed) as (session, job):
+                ledger.charge(session, dataset_id=job.dataset_id, org_id=job.org_id,
+                              job_id=job.id, seq=seq, cost=cost, budget=doc.budget)
+
+        with materialise(buffer, self.settings.tmpfs_dir) as path, self._keep_lease(claimed):
+            outcome = scripts.run_real(executor, job_id=claimed.job_id, source=source,
+                                       dataset=dataset, schema=schema, doc=doc, parquet=path,
+                                       left=left, charge=charge)
+        self._finish_script(claimed, outcome, mode)
+
+    def _finish_script(self, claimed: Claim, outcome: Any, mode: str) -> None:
+        if outcome.reason != "ok":
+            self._fail(claimed, f"the script ended: {outcome.reason}; its outputs and logs "
+                                "are withheld, any budget it spent stays charged")
+            return
+        self._complete(claimed, scripts.content_of(outcome, mode))
+
+    def _executor(self) -> Executor:
+        if self._runner is None:
+            runner = make_executor(self.settings)
+            runner.check_available()
+            self._runner = runner
+        return self._runner
 
     @contextlib.contextmanager
     def _keep_lease(self, claimed: Claim) -> Iterator[None]:

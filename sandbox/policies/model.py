@@ -106,6 +106,17 @@ DEFAULT_CLASSIFICATION_RULES: dict[Level, tuple[ColumnUse, ...]] = {
 }
 
 
+class ScriptLimits(_Frozen):
+    """Per-job limits for script jobs."""
+
+    wall_seconds: float = Field(default=120, gt=0, le=3600)
+    cpu_seconds: int = Field(default=120, ge=1, le=3600)
+    memory_mb: int = Field(default=1024, ge=64, le=65536)
+    processes: int = Field(default=64, ge=4, le=4096)
+    output_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    queries: int = Field(default=100, ge=1, le=100_000)
+
+
 class PolicyDocument(_Frozen):
     """A parsed, validated policy. Immutable; a change is a new version."""
 
@@ -117,6 +128,7 @@ class PolicyDocument(_Frozen):
     review_required: bool = True
     queries: QueryRules = Field(default_factory=QueryRules)
     sdc: SdcSettings = Field(default_factory=SdcSettings)
+    scripts: ScriptLimits = Field(default_factory=ScriptLimits)
     timing_quantum_ms: int = Field(default=0, ge=0, le=60_000,
                                    description="broker replies are padded to multiples of this")
     classification: dict[Level, tuple[ColumnUse, ...]] = Field(

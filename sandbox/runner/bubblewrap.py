@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sandbox.runner import limits as cg
@@ -78,7 +79,7 @@ class BubblewrapExecutor(Executor):
         return Prepared(request, workdir, {"site": site})
 
     def _drop(self, uid: int, cgroup: cg.Cgroup | None,
-              request: SandboxRequest | None = None):  # type: ignore[no-untyped-def]
+              request: SandboxRequest | None = None) -> Callable[[], None]:
         def child() -> None:
             if cgroup is not None:
                 cgroup.join(os.getpid())

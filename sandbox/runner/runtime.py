@@ -53,7 +53,7 @@ def ensure_runtime(root: Path) -> Path:
     staging = root / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "site-packages" / "sandbox" / "sdk").mkdir(parents=True)
-    base = Path(md.distribution("numpy").locate_file(""))
+    base = Path(str(md.distribution("numpy").locate_file("")))
     for name in ALLOWED_DISTRIBUTIONS:
         for source in _files(name):
             if not source.is_file():

@@ -9,6 +9,7 @@ exit status and the ``done`` message tell the broker how it ended.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import runpy
@@ -21,22 +22,30 @@ LOG_CAP = 1024 * 1024
 
 
 class _Log(io.TextIOBase):
-    """A text stream that forwards writes as ``log`` frames, up to ``LOG_CAP`` bytes."""
+    """A text stream that forwards whole lines as ``log`` frames, up to ``LOG_CAP``
+    characters in all; the rest is dropped (and the broker caps again)."""
 
     sent = 0
 
     def __init__(self, stream: str) -> None:
         self.stream = stream
+        self.pending = ""
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending or len(self.pending) > 4096:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        text, self.pending = self.pending, ""
         if text and _Log.sent < LOG_CAP:
             chunk = text[: LOG_CAP - _Log.sent]
             _Log.sent += len(chunk)
             channel.send({"type": "log", "stream": self.stream, "text": chunk})
-        return len(text)
 
 
 def main() -> int:
@@ -57,10 +66,10 @@ def main() -> int:
     except BaseException:
         sys.stderr.write(traceback.format_exc())
         status = 1
-    try:
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+        sys.stderr.flush()
         protocol.write(writer, {"type": "done", "status": status})
-    except OSError:
-        pass
     return status
 
 

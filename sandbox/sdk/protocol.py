@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 VERSION = 1
 MAX_FRAME = 8 * 1024 * 1024
@@ -38,12 +38,12 @@ def encode(message: dict[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def write(stream: BinaryIO, message: dict[str, Any]) -> None:
+def write(stream: IO[bytes], message: dict[str, Any]) -> None:
     stream.write(encode(message))
     stream.flush()
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
+def _read_exact(stream: IO[bytes], n: int) -> bytes:
     chunks, got = [], 0
     while got < n:
         chunk = stream.read(n - got)
@@ -54,7 +54,7 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def read(stream: BinaryIO, max_frame: int = MAX_FRAME) -> dict[str, Any]:
+def read(stream: IO[bytes], max_frame: int = MAX_FRAME) -> dict[str, Any]:
     """The next message; ``EOFError`` at a clean end, ``ProtocolError`` on anything odd."""
     header = stream.read(_LEN.size)
     if not header:
