@@ -108,6 +108,7 @@ class BubblewrapExecutor(Executor):
                 "--chdir", "/tmp", "--seccomp", str(seccomp_fd)]
         if Path("/etc/ld.so.cache").exists():
             argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+        argv += ["--remount-ro", "/"]  # the root bwrap builds is a tmpfs: make it read-only
         return [*argv, "--", "/usr/bin/python3", "-I", "-S", "-c", BOOT, "/job/script.py"]
 
     def start(self, prepared: Prepared) -> Running:
@@ -152,6 +153,8 @@ class BubblewrapExecutor(Executor):
         cgroup: cg.Cgroup = running.handle["cgroup"]
         code = proc.returncode
         status, sig = (code, None) if code >= 0 else (None, -code)
+        if status is not None and status > 128:  # bwrap reports its child's signal as 128+n
+            status, sig = None, status - 128
         if running.killed_reason:
             reason = running.killed_reason
         elif cgroup.memory_exceeded() or "MemoryError" in stderr:

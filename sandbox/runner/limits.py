@@ -30,18 +30,21 @@ class Cgroup:
             (path / "cgroup.procs").write_text(str(pid))
 
     def memory_exceeded(self) -> bool:
+        """Whether the kernel's OOM killer acted in this cgroup (v2 ``memory.events``,
+        v1 ``memory.oom_control``), or v1 recorded hitting the limit."""
         for path in self.paths:
-            events = path / "memory.events"
-            if events.exists():
-                for line in events.read_text().splitlines():
-                    name, _, value = line.partition(" ")
-                    if name in ("oom_kill", "oom") and int(value) > 0:
+            for name in ("memory.events", "memory.oom_control"):
+                stats = path / name
+                if not stats.exists():
+                    continue
+                for line in stats.read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key in ("oom_kill", "oom") and value.strip().isdigit() \
+                            and int(value) > 0:
                         return True
             failcnt = path / "memory.failcnt"
-            if failcnt.exists() and int(failcnt.read_text() or 0) > 0:
-                oom = path / "memory.oom_control"
-                if oom.exists() and "oom_kill 0" not in oom.read_text():
-                    return True
+            if failcnt.exists() and int(failcnt.read_text().strip() or 0) > 0:
+                return True
         return False
 
     def kill_all(self) -> None:
