@@ -152,9 +152,10 @@ class BubblewrapExecutor(Executor):
         stderr = b"".join(running.handle["stderr"]).decode(errors="replace")
         cgroup: cg.Cgroup = running.handle["cgroup"]
         code = proc.returncode
-        status, sig = (code, None) if code >= 0 else (None, -code)
-        if status is not None and status > 128:  # bwrap reports its child's signal as 128+n
-            status, sig = None, status - 128
+        status: int | None = code if code >= 0 else None
+        sig: int | None = -code if code < 0 else None
+        if code > 128:  # bwrap reports its child's signal as 128+n
+            status, sig = None, code - 128
         if running.killed_reason:
             reason = running.killed_reason
         elif cgroup.memory_exceeded() or "MemoryError" in stderr:
