@@ -19,7 +19,7 @@ ALLOWED_IMPORTS = frozenset({
     "sandbox.sdk", "numpy", "polars", "pyarrow", "matplotlib", "math", "statistics", "json",
     "itertools", "collections", "datetime", "re", "functools", "random", "typing",
     "dataclasses", "decimal", "fractions", "operator", "string", "textwrap", "bisect",
-    "heapq", "enum", "copy", "pprint",
+    "heapq", "enum", "copy", "pprint", "time",
 })
 FORBIDDEN_CALLS = frozenset({"exec", "eval", "compile", "__import__", "open", "globals",
                              "locals", "vars", "getattr", "setattr", "delattr", "breakpoint",
