@@ -64,3 +64,44 @@ def test_five_steps_over_http(server, demo_files) -> None:
                for r in released["rows"])
     assert released["budget"]["left"] == pytest.approx(4.5)
     assert analyst.budget("enterprises")["spent"] == pytest.approx(0.5)
+
+
+SCRIPT = '''
+from sandbox.sdk import datasets, count, mean, emit
+by_city = (datasets["enterprises"].filter("industry", "==", "manufacturing")
+           .group_by("city").agg(count(), mean("employees")).release(epsilon=0.3))
+print("cities:", len(by_city))
+emit("manufacturing_by_city", by_city)
+'''
+
+
+def test_script_mock_then_real_over_http(server, demo_files, tmp_path: Path) -> None:
+    url, tokens = server
+    owner = SandboxClient(url, tokens["owner"])
+    analyst = SandboxClient(url, tokens["analyst"])
+    reviewer = SandboxClient(url, tokens["reviewer"])
+    data, schema = demo_files
+    owner.register_dataset(schema, data)
+    owner.approve_policy("enterprises", owner.draft_policy("enterprises", POLICY_YAML)["version"])
+    # the analyst debugs locally on mock data, in the same sandbox
+    script = tmp_path / "analysis.py"
+    script.write_text(SCRIPT)
+    local = subprocess.run([sys.executable, "-m", "sandbox.cli.main", "run", str(script),
+                            "--mock", "--dataset", "enterprises", "--url", url,
+                            "--token", tokens["analyst"]], capture_output=True, text=True,
+                           timeout=120)
+    assert local.returncode == 0, local.stdout + local.stderr
+    assert "cities: 13" in local.stdout and "manufacturing_by_city" in local.stdout
+    # a mock job on the server: released at once, no budget
+    mock = analyst.submit_script("enterprises", SCRIPT, mode="mock")
+    assert analyst.wait(mock["id"], timeout=120)["status"] == "released"
+    assert analyst.result(mock["id"])["mode"] == "mock"
+    assert analyst.budget("enterprises")["spent"] == 0
+    # then for real: charged, reviewed, released
+    real = analyst.submit_script("enterprises", SCRIPT)
+    assert analyst.wait(real["id"], timeout=120)["status"] == "pending_review"
+    reviewer.approve(real["id"])
+    released = analyst.result(real["id"])
+    assert released["mode"] == "real" and released["queries"] == 1
+    assert len(released["outputs"][0]["payload"]["rows"]) == 13
+    assert analyst.budget("enterprises")["spent"] == pytest.approx(0.3)

@@ -125,6 +125,14 @@ class SandboxClient:
                                                          "rho": rho}},
                           headers={"Idempotency-Key": key})
 
+    def submit_script(self, dataset: str, source: str, *, mode: str = "real",
+                      idempotency_key: str | None = None) -> dict[str, Any]:
+        key = idempotency_key or uuid.uuid4().hex
+        return self._call("POST", "/v1/jobs",
+                          json={"kind": "script", "script": {"dataset": dataset,
+                                                             "source": source, "mode": mode}},
+                          headers={"Idempotency-Key": key})
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}")
 

@@ -182,6 +182,16 @@ def job_sql(text: str, epsilon: float | None = None, rho: float | None = None,
     _run(lambda: _client(url, token).submit_sql(text, epsilon=epsilon, rho=rho))
 
 
+@job_app.command("script")
+def job_script(script: Path, dataset: Annotated[str, typer.Option()],
+               mock: Annotated[bool, typer.Option(help="Run on mock data: no budget, "
+                                                  "outputs straight back")] = False,
+               url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """Submit a Python script job for DATASET (screened before it is queued)."""
+    _run(lambda: _client(url, token).submit_script(dataset, script.read_text(),
+                                                   mode="mock" if mock else "real"))
+
+
 @job_app.command("status")
 def job_status(job_id: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
     _run(lambda: _client(url, token).job(job_id))
@@ -191,6 +201,21 @@ def job_status(job_id: str, url: Url = "http://127.0.0.1:8765", token: Token = "
 def job_result(job_id: str, url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
     """The released table of a job."""
     _run(lambda: _client(url, token).result(job_id))
+
+
+@app.command("run")
+def run_local(script: Path, dataset: Annotated[str, typer.Option()],
+              mock: Annotated[bool, typer.Option(help="required: local runs use mock "
+                                                 "data only")] = False,
+              url: Url = "http://127.0.0.1:8765", token: Token = "") -> None:
+    """Run SCRIPT here, in the same sandbox, on mock data made from DATASET's schema
+    (fetched from the catalog): full logs, no budget, no real rows."""
+    from sandbox.cli.local_run import run_mock_locally
+    if not mock:
+        console.print("[red]error:[/red] local runs need --mock; real runs are jobs "
+                      "('sandbox job script')")
+        raise typer.Exit(2)
+    raise typer.Exit(run_mock_locally(script, dataset, _client(url, token), console))
 
 
 @app.command()

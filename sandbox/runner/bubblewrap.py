@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import shutil
 import signal
@@ -43,7 +44,8 @@ BOOT = ("import sys; sys.path[:0] = ['/opt/sandbox']; "
 def _uid_for(job_id: str) -> int:
     """A per-job unprivileged uid (no passwd entry needed), so per-uid limits and
     signals never reach another job's processes."""
-    return 200_000 + int(job_id[:8], 16) % 100_000 if job_id[:8].isalnum() else 65534
+    digest = hashlib.sha256(job_id.encode()).digest()
+    return 200_000 + int.from_bytes(digest[:4], "big") % 100_000
 
 
 class BubblewrapExecutor(Executor):
