@@ -23,6 +23,9 @@ def main() -> int:
         [str(HERE / "data_plane.py"), "--rows", rows, "--repeat", "2" if args.smoke else "7"],
         [str(HERE / "privacy_engine.py"), "--rows", rows, "--repeat",
          "2" if args.smoke else "5"],
+        [str(HERE / "sandbox_start.py"), "--rows", *([rows] if args.smoke else
+                                                     ["1000000", "10000000"]),
+         "--repeat", "3" if args.smoke else "7"],
     ]
     failed = 0
     for argv in runs:

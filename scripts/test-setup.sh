@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Make sure what the test suite needs is present. Idempotent; safe without a TTY.
+# - bubblewrap (the default sandbox) and SoftHSM2 (a real PKCS#11 token) from Debian;
+# - the Docker engine and the offline runner image (scripts/docker-setup.sh);
 # - PostgreSQL is started by the machine; if it is down we try to start it here.
-# - SoftHSM2 (a real PKCS#11 token for the HSM key provider tests) from Debian.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 need_apt=()
+command -v bwrap >/dev/null 2>&1 || need_apt+=(bubblewrap)
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    echo "test-setup: installed ${need_apt[*]}"
   else
     echo "test-setup: missing Debian packages: ${need_apt[*]} (tests needing them will skip," \
          "or fail under CI=true)" >&2
   fi
+fi
+
+if [ -x scripts/docker-setup.sh ] && [ "$(id -u)" = 0 ]; then
+  bash scripts/docker-setup.sh || echo "test-setup: docker setup failed (docker tests will" \
+                                        "skip, or fail under CI=true)" >&2
 fi
 
 if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -h 127.0.0.1 -p 5432 -q; then
