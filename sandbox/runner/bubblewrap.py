@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -113,6 +114,23 @@ class BubblewrapExecutor(Executor):
         argv += ["--remount-ro", "/"]  # the root bwrap builds is a tmpfs: make it read-only
         return [*argv, "--", "/usr/bin/python3", "-I", "-S", "-c", BOOT, "/job/script.py"]
 
+    def _launcher(self, prepared: Prepared, cgroup: cg.Cgroup, seccomp_fd: int) -> list[str]:
+        """bash joins the cgroups and sets the rlimits for itself, then execs setpriv,
+        which drops to the job's uid (no groups, parent-death SIGKILL) and execs bwrap.
+        No Python ``preexec_fn``: forking the large worker process would cost more than
+        the whole sandbox start."""
+        limits = prepared.request.limits
+        uid = _uid_for(prepared.request.job_id)
+        steps = [f"echo $$ > {shlex.quote(str(path / 'cgroup.procs'))}" for path in cgroup.paths]
+        steps.append(f"ulimit -t {limits.cpu_seconds} -c 0 -n 256 "
+                     f"-f {max(1, limits.scratch_bytes // 1024)}")
+        if cgroup.mode == "rlimits":
+            steps.append(f"ulimit -v {limits.memory_bytes // 1024} -u {limits.processes}")
+        bwrap = " ".join(shlex.quote(a) for a in self._argv(prepared, seccomp_fd))
+        steps.append(f"exec setpriv --reuid={uid} --regid={uid} --clear-groups "
+                     f"--pdeathsig KILL -- {bwrap}")
+        return ["/bin/bash", "-c", " && ".join(steps)]
+
     def start(self, prepared: Prepared) -> Running:
         request = prepared.request
         cgroup = cg.create(request.job_id, request.limits)
@@ -121,9 +139,9 @@ class BubblewrapExecutor(Executor):
         os.close(write_fd)
         try:
             proc = subprocess.Popen(
-                self._argv(prepared, read_fd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, pass_fds=(read_fd,), close_fds=True, env={},
-                preexec_fn=self._drop(_uid_for(request.job_id), cgroup, request))
+                self._launcher(prepared, cgroup, read_fd), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(read_fd,),
+                close_fds=True, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
         finally:
             os.close(read_fd)
         stderr: list[bytes] = []
@@ -183,9 +201,9 @@ class BubblewrapExecutor(Executor):
             proc.kill()
 
     def cleanup(self, prepared: Prepared) -> None:
-        cg.Cgroup(cg.detect(), []).remove()
-        for controller in ("", "memory/", "pids/", "cpu/"):
-            path = cg.ROOT / f"{controller}sandbox" / f"sbx-{prepared.request.job_id[:24]}"
-            if path.is_dir():
-                cg.Cgroup("cleanup", [path]).remove()
+        paths = [cg.ROOT / f"{controller}sandbox" / f"sbx-{prepared.request.job_id[:24]}"
+                 for controller in ("", "memory/", "pids/", "cpu/")]
         shutil.rmtree(prepared.workdir, ignore_errors=True)
+        existing = [p for p in paths if p.is_dir()]
+        if existing:  # the kernel may take a moment to release them: not on the job's path
+            threading.Thread(target=cg.Cgroup("cleanup", existing).remove, daemon=True).start()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import platform
 import re
 import signal
 import socket
@@ -53,6 +54,33 @@ _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _STDOUT, _STDERR = 1, 2
 
 log = logging.getLogger(__name__)
+
+
+def boot_command() -> list[str]:
+    """``python3 -I -S -c CODE /job/script.py``: CODE installs the bubblewrap backend's
+    seccomp filter (``sandbox.runner.seccomp``: ptrace, mount, unshare, setns, keyctl,
+    bpf, perf_event_open, TIOCSTI ... refused) on top of the engine's own profile, then
+    runs the same bootstrap as bubblewrap (``BOOT``). The container has no_new_privs, so
+    the filter needs no privilege; if it cannot be installed the job ends (status 126)
+    before any analyst code runs."""
+    from sandbox.runner.seccomp import program
+
+    code = (
+        "import ctypes, sys\n"
+        f"_p = bytes.fromhex('{program().hex()}')\n"
+        "_b = ctypes.create_string_buffer(_p, len(_p))\n"
+        "class _F(ctypes.Structure):\n"
+        "    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]\n"
+        "_f = _F(len(_p) // 8, ctypes.addressof(_b))\n"
+        "_libc = ctypes.CDLL(None, use_errno=True)\n"
+        "if _libc.prctl(22, 2, ctypes.byref(_f), 0, 0) != 0:\n"  # PR_SET_SECCOMP, FILTER
+        "    sys.stderr.write('sandbox: seccomp filter refused (errno %d)\\n'"
+        " % ctypes.get_errno())\n"
+        "    sys.exit(126)\n"
+        "del _p, _b, _F, _f, _libc\n"
+        + BOOT
+    )
+    return ["python3", "-I", "-S", "-c", code, "/job/script.py"]
 
 
 class _Demux(io.RawIOBase):
@@ -154,9 +182,6 @@ class _Demux(io.RawIOBase):
                 self._sock.settimeout(None)
             self._lock.release()
 
-    def close(self) -> None:
-        super().close()
-
 
 class _Stdin(io.RawIOBase):
     """The write side: bytes go to the container's stdin; ``close`` half-closes."""
@@ -219,6 +244,9 @@ class DockerExecutor(Executor):
         import docker.errors
         import requests
 
+        if platform.machine() != "x86_64":
+            raise IsolationUnavailable("the sandbox's seccomp filter is written for x86-64; "
+                                       "script jobs are refused on " + platform.machine())
         client = self._docker()
         try:
             client.ping()
@@ -301,6 +329,7 @@ class DockerExecutor(Executor):
 
     def start(self, prepared: Prepared) -> Running:
         import docker.errors
+        import requests
 
         existing = prepared.extra.get("running")
         if isinstance(existing, Running):
@@ -310,7 +339,7 @@ class DockerExecutor(Executor):
         self._remove(client, name)  # left by a worker that died before cleanup
         config = client.api.create_container_config(
             self.image,
-            command=["python3", "-I", "-S", "-c", BOOT, "/job/script.py"],
+            command=boot_command(),
             entrypoint=[""],
             hostname="sandbox",
             user="65534:65534",
@@ -333,32 +362,31 @@ class DockerExecutor(Executor):
             sock = self._own_socket(attached)
             started = time.monotonic()
             client.api.start(ident)
-        except docker.errors.APIError as exc:
+        except (docker.errors.APIError, requests.RequestException) as exc:
             self._remove(client, name)
+            detail = getattr(exc, "explanation", None) or exc
             raise IsolationUnavailable(
-                f"the Docker engine could not start the sandbox: {exc.explanation or exc}"
-            ) from None
+                f"the Docker engine could not start the sandbox: {detail}") from None
         demux = _Demux(sock)
         running = Running(prepared, io.BufferedWriter(_Stdin(sock)),
                           io.BufferedReader(demux),
                           {"client": client, "id": ident, "socket": sock, "demux": demux,
-                           "started": started})
+                           "attached": attached, "started": started})
         prepared.extra["running"] = running
         return running
 
     @staticmethod
     def _own_socket(attached: Any) -> socket.socket:
-        """A socket of our own for the attach connection (a duplicate of the SDK's, so
-        the SDK's response object can be collected without closing the stream)."""
+        """A socket of our own on the attach connection (a duplicate of the SDK's), so
+        that closing it never depends on the SDK's objects; those are kept (in the
+        handle) until cleanup so the HTTP connection is never handed back to the pool."""
         raw = getattr(attached, "_sock", attached)
         try:
-            mine = raw.dup()
-        except (AttributeError, NotImplementedError, OSError):  # TLS: keep the SDK's
-            return raw  # type: ignore[no-any-return]
-        with contextlib.suppress(Exception):
-            attached.close()
+            mine: socket.socket = raw.dup()
+        except (AttributeError, NotImplementedError, OSError):  # TLS: use the SDK's
+            return raw
         mine.settimeout(None)
-        return mine  # type: ignore[no-any-return]
+        return mine
 
     def wait(self, running: Running, timeout: float) -> Exit:
         import docker.errors
@@ -379,7 +407,8 @@ class DockerExecutor(Executor):
         except docker.errors.APIError:
             state = {"ExitCode": -1, "OOMKilled": False}
         code = int(state.get("ExitCode", -1))
-        status, sig = (code, None)
+        status: int | None = code
+        sig: int | None = None
         if 128 < code <= 128 + 64:  # PID 1 died of a signal (128 + signal number)
             status, sig = None, code - 128
         if running.killed_reason:
@@ -427,8 +456,9 @@ class DockerExecutor(Executor):
             for stream in (running.stdin, running.stdout):
                 with contextlib.suppress(Exception):
                     stream.close()
-            with contextlib.suppress(OSError):
-                running.handle["socket"].close()
+            for handle in (running.handle["socket"], running.handle["attached"]):
+                with contextlib.suppress(Exception):
+                    handle.close()
         name = prepared.extra.get("container") or self.container_name(prepared.request.job_id)
         if self._client is not None or running is not None or "container_id" in prepared.extra:
             try:

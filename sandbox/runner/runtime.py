@@ -8,6 +8,7 @@ The server side of the product (settings, database, keys, engine) is never copie
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata as md
 import os
@@ -31,6 +32,7 @@ def _files(dist_name: str) -> list[Path]:
             if not str(f).startswith("..") and "__pycache__" not in str(f)]
 
 
+@functools.cache
 def runtime_key() -> str:
     digest = hashlib.sha256()
     for name in ALLOWED_DISTRIBUTIONS:

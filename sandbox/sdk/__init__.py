@@ -12,18 +12,15 @@ it over the broker channel; the answer is a released table (noisy values with in
 ``emit`` is the only way anything leaves the sandbox.
 """
 
-from sandbox.sdk.builder import (
-    Query,
-    Released,
-    count,
-    datasets,
-    emit,
-    histogram,
-    mean,
-    median,
-    quantile,
-    sum,
-)
+from typing import Any
 
 __all__ = ["Query", "Released", "count", "datasets", "emit", "histogram", "mean", "median",
            "quantile", "sum"]
+
+
+def __getattr__(name: str) -> Any:
+    """The builder is imported on first use, so the sandbox bootstrap starts fast."""
+    if name in __all__:
+        from sandbox.sdk import builder
+        return getattr(builder, name)
+    raise AttributeError(name)
