@@ -13,6 +13,7 @@ from sandbox.datasets.cache import check_ram_filesystem
 from sandbox.datasets.keyring import Keyring, LocalKeyring
 from sandbox.db import Database
 from sandbox.errors import Conflict
+from sandbox.review.signing import Signer
 
 
 class NotInitialised(Conflict):
@@ -24,6 +25,7 @@ class Runtime:
     settings: Settings
     db: Database
     keys: Keyring
+    signer: Signer
 
     @classmethod
     def open(cls, settings: Settings) -> Runtime:
@@ -39,7 +41,7 @@ class Runtime:
                 path = settings.home / f"sandbox.db{suffix}"
                 if path.exists():
                     path.chmod(0o600)
-        return cls(settings=settings, db=db, keys=keys)
+        return cls(settings=settings, db=db, keys=keys, signer=release_signer(settings))
 
     def close(self) -> None:
         self.db.dispose()
@@ -55,3 +57,8 @@ def open_keyring(settings: Settings) -> Keyring:
         return Pkcs11Keyring(settings.pkcs11_module, settings.pkcs11_token_label,
                              settings.pkcs11_pin_file)
     return LocalKeyring(settings.keys_dir)
+
+
+def release_signer(settings: Settings) -> Signer:
+    """The Ed25519 key that signs releases (created on first use, 0600)."""
+    return Signer(settings.keys_dir / "release-signing.key")

@@ -12,7 +12,15 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from sandbox import __version__
-from sandbox.api.routers import budget, datasets, jobs, policies, queries, reviews
+from sandbox.api.routers import (
+    budget,
+    datasets,
+    jobs,
+    policies,
+    queries,
+    releases,
+    reviews,
+)
 from sandbox.audit import record
 from sandbox.datasets.ingest import IngestError
 from sandbox.datasets.schema import SchemaError
@@ -28,7 +36,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                               "reviewed results come out. Authenticate with "
                               "`Authorization: Bearer <token>`.")
     app.state.runtime = runtime
-    for module in (datasets, policies, jobs, reviews, budget, queries):
+    for module in (datasets, policies, jobs, reviews, releases, budget, queries):
         app.include_router(module.router)
 
     @app.get("/v1/health", tags=["health"], summary="Liveness and database reachability")

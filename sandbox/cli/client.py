@@ -168,5 +168,8 @@ class SandboxClient:
     def reject(self, job_id: str, reason: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/reviews/{job_id}/reject", json={"reason": reason})
 
+    def release(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/releases/{job_id}")
+
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/v1/health")

@@ -160,7 +160,8 @@ def run_demo(*, rows: int, keep_home: Path | None, console: Console) -> int:
         _expect_refusal(console, "an L4 (core) column",
                         lambda: analyst.submit_query({**QUERY, "group_by": ["enterprise_id"]}))
         estimate = analyst.estimate(QUERY)
-        console.print(f"dry run: epsilon {estimate['epsilon']:.3g}, 95% half-widths "
+        console.print(f"dry run: {estimate['cost']['unit']} {estimate['cost']['amount']:.3g}, "
+                      f"95% half-widths "
                       f"{ {k: round(v, 1) for k, v in estimate['half_width'].items() if v} }")
         job = analyst.submit_query(QUERY)
         console.print(f"submitted job {job['id']}: count, sum(annual_revenue), mean(employees) "

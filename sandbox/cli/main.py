@@ -28,6 +28,9 @@ review_app = typer.Typer(help="Reviewer: the review queue.", no_args_is_help=Tru
 audit_app = typer.Typer(help="Admin: the audit log.", no_args_is_help=True)
 keys_app = typer.Typer(help="Admin: master keys.", no_args_is_help=True)
 user_app = typer.Typer(help="Admin: users and tokens.", no_args_is_help=True)
+release_app = typer.Typer(help="Anyone: fetch and verify signed releases.",
+                          no_args_is_help=True)
+app.add_typer(release_app, name="release")
 app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
 app.add_typer(dataset_app, name="dataset")
@@ -277,8 +280,62 @@ def keys_list() -> None:
         runtime.close()
 
 
+@audit_app.command("head")
+def audit_head() -> None:
+    """Print the chain's head (entry count and hash) for anchoring somewhere else."""
+    from sandbox.audit import verify
+    from sandbox.runtime import Runtime
+    runtime = Runtime.open(_settings())
+    try:
+        with runtime.db.transaction() as session:
+            result = verify(session)
+    finally:
+        runtime.close()
+    typer.echo(json.dumps({"events": result.events, "head": result.head, "intact": result.ok}))
+
+
+@release_app.command("get")
+def release_get(job_id: str, out: Path, url: Url = "http://127.0.0.1:8765",
+                token: Token = "") -> None:
+    """Save a released job's signed artifact to OUT."""
+    try:
+        artifact = _client(url, token).release(job_id)
+    except ApiError as exc:
+        console.print(f"[red]error {exc.status_code}:[/red] {exc.detail}")
+        raise typer.Exit(1) from None
+    out.write_text(json.dumps(artifact, indent=1, ensure_ascii=False))
+    console.print(f"wrote {out}")
+
+
+@release_app.command("verify")
+def release_verify(file: Path,
+                   public_key: Annotated[Path | None, typer.Option(
+                       help="PEM file of the release public key")] = None,
+                   url: Annotated[str | None, typer.Option(
+                       help="or fetch the key from this server")] = None) -> None:
+    """Check a saved release: signature, signing key and content hash."""
+    from sandbox.review.signing import ReleaseInvalid, verify
+    if public_key is not None:
+        pem = public_key.read_text()
+    elif url is not None:
+        import httpx
+        pem = httpx.get(f"{url}/v1/releases/public-key", timeout=30).json()["pem"]
+    else:
+        console.print("[red]error:[/red] give --public-key or --url")
+        raise typer.Exit(2)
+    try:
+        payload = verify(json.loads(file.read_text()), pem)
+    except (ReleaseInvalid, ValueError) as exc:
+        console.print(f"[red]INVALID:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"valid: job {payload['job_id']}, sha256 {payload['sha256']}, released "
+                  f"{payload['released_at']}")
+
+
 @audit_app.command("verify")
-def audit_verify() -> None:
+def audit_verify(expect_head: Annotated[str | None, typer.Option(
+        help="a head exported earlier: detects deletion of the newest entries")] = None,
+                 expect_events: Annotated[int | None, typer.Option()] = None) -> None:
     """Check the audit log's hash chain; names the first bad entry."""
     from sandbox.audit import verify
     from sandbox.runtime import Runtime
@@ -288,6 +345,14 @@ def audit_verify() -> None:
             result = verify(session)
     finally:
         runtime.close()
+    if result.ok and expect_events is not None and result.events < expect_events:
+        console.print(f"[red]audit log truncated:[/red] {result.events} events, the exported "
+                      f"head had {expect_events}; entries from {result.events + 1} are gone")
+        raise typer.Exit(1)
+    if result.ok and expect_head is not None and expect_events is not None \
+            and result.events == expect_events and result.head != expect_head:
+        console.print("[red]audit log rewritten:[/red] the head differs from the exported one")
+        raise typer.Exit(1)
     if result.ok:
         console.print(f"audit log intact: {result.events} events, head {result.head}")
         return
@@ -340,10 +405,11 @@ def user_token(name: str, days: Annotated[int, typer.Option(min=1, max=3650)] = 
 
 def main() -> None:
     """Entry point: domain errors become one clean line and exit code 1."""
+    from sandbox.datasets.keys import KeyUnavailable
     from sandbox.errors import SandboxError
     try:
         app()
-    except SandboxError as exc:
+    except (SandboxError, KeyUnavailable, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise SystemExit(1) from None
 

@@ -31,6 +31,9 @@ from sandbox.errors import Conflict, NotFound
 from sandbox.identity.service import Principal
 from sandbox.privacy import ledger
 
+#: A file may decode to at most this many times its size (decompression bombs).
+PLAINTEXT_EXPANSION = 20
+
 
 def key_context(dataset_id: str, version: int) -> bytes:
     """Associated data binding a wrapped data key to its dataset version."""
@@ -62,7 +65,9 @@ def register(db: Database, *, principal: Principal, schema: DatasetSchema, sourc
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     target = data_dir / f"{dataset_id}-v{version}-{secrets.token_hex(4)}.sbxenc"
     info = store.write_encrypted_parquet(
-        iter_validated_batches(source, schema, max_bytes=max_bytes, progress=progress),
+        iter_validated_batches(source, schema, max_bytes=max_bytes, progress=progress,
+                               max_plaintext_bytes=None if max_bytes is None
+                               else max_bytes * PLAINTEXT_EXPANSION),
         schema.arrow_schema(), target, data_key, dataset_id=dataset_id, version=version)
     try:
         with db.transaction() as session:

@@ -191,6 +191,8 @@ class Release(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
     content_sha256: Mapped[str] = mapped_column(String(64))
     released_by: Mapped[str | None] = mapped_column(ForeignKey("users.id"), default=None)
+    artifact: Mapped[dict | None] = mapped_column(JSON, default=None, nullable=True)
+    key_id: Mapped[str | None] = mapped_column(String(32), default=None, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

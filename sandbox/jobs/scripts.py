@@ -66,7 +66,7 @@ def run_real(executor: Executor, *, job_id: str, source: str, dataset: str,
         spec = _spec(raw, dataset, schema, doc)
         if doc.mode == "sdc":
             raise Invalid("this dataset's policy uses disclosure control: submit query jobs")
-        plan = engine.plan(spec, schema)
+        plan = engine.plan(spec, schema, min_group_size=doc.queries.min_group_size)
         charge(seq, plan.cost)
         return engine.execute(plan, session, handle, approximate=approximate,
                               budget_unit=doc.budget.unit)

@@ -41,9 +41,11 @@ from sandbox.privacy import engine, ledger, sdc_engine
 from sandbox.privacy.broker import pad_to_quantum
 from sandbox.privacy.mechanisms import DatasetHandle, open_session
 from sandbox.privacy.spec import QuerySpec
+from sandbox.review.checks import blocked, run_checks
 from sandbox.review.service import content_digest, create_release
 from sandbox.runner.contract import Executor, IsolationUnavailable
 from sandbox.runner.factory import make_executor
+from sandbox.runtime import release_signer
 
 log = logging.getLogger("sandbox.worker")
 
@@ -63,6 +65,7 @@ class Worker:
         self._stop = threading.Event()
         self.cache = DecryptedCache(settings.decrypted_cache_bytes)
         self._runner: Executor | None = None
+        self.signer = release_signer(settings)
         reap_orphans(settings.tmpfs_dir)
 
     def stop(self) -> None:
@@ -112,7 +115,8 @@ class Worker:
             return
         spec = QuerySpec.model_validate(raw_spec)
         try:
-            plan = engine.plan(spec, schema) if doc.mode == "dp" else None
+            plan = engine.plan(spec, schema, min_group_size=doc.queries.min_group_size) \
+                if doc.mode == "dp" else None
         except Exception:
             log.exception("job %s: could not plan the query", claimed.job_id)
             self._fail(claimed, "the query could not be planned; nothing was charged")
@@ -267,15 +271,22 @@ class Worker:
             budget = PolicyDocument.model_validate(policy.body).budget
             content = {**content, "budget": ledger.summary(session, job.dataset_id, budget,
                                                            job.org_id)}
+            version = session.scalar(select(DatasetVersion).where(
+                DatasetVersion.dataset_id == job.dataset_id,
+                DatasetVersion.version == job.dataset_version))
+            assert version is not None
+            findings = run_checks(content, catalog.schema_of(version))
+            content = {**content, "checks": findings}
             session.add(JobResult(job_id=job.id, content=content,
                                   content_sha256=content_digest(content)))
             session.flush()
             job.lease_owner, job.lease_expires_at = None, None
-            if job.review_required:
-                transition(session, job, JobStatus.PENDING_REVIEW, actor="worker", actor_id=None)
+            if job.review_required or blocked(findings):
+                transition(session, job, JobStatus.PENDING_REVIEW, actor="worker", actor_id=None,
+                           detail={"blocked_by_checks": blocked(findings)})
             else:
                 transition(session, job, JobStatus.RELEASED, actor="worker", actor_id=None)
-                create_release(session, job, released_by=None)
+                create_release(session, job, released_by=None, signer=self.signer)
 
     def _fail(self, claimed: Claim, public_message: str) -> None:
         try:

@@ -126,6 +126,8 @@ class PolicyDocument(_Frozen):
     grants: tuple[Grant, ...] = Field(min_length=1)
     budget: Budget
     review_required: bool = True
+    approvals: int = Field(default=1, ge=1, le=2,
+                           description="2 = two-person rule: two distinct reviewers")
     queries: QueryRules = Field(default_factory=QueryRules)
     sdc: SdcSettings = Field(default_factory=SdcSettings)
     scripts: ScriptLimits = Field(default_factory=ScriptLimits)

@@ -230,8 +230,8 @@ def observed_key_counts(lf: pl.LazyFrame, spec: QuerySpec) -> dict[str, float]:
     """Row counts per observed key combination (for DP key release), keys JSON-encoded."""
     counts = (filtered(lf, spec).group_by(list(spec.group_by))
               .agg(pl.len().alias("__n")).collect())
-    if counts.height > MAX_CELLS:
-        counts = counts.sort("__n", descending=True).head(MAX_CELLS)
+    # every observed key goes to the threshold mechanism: truncating to the largest would
+    # let one row swap two keys, beyond the stability the mechanism is told
     names = list(spec.group_by)
     return {json.dumps([row[k] for k in names], default=str): float(row["__n"])
             for row in counts.iter_rows(named=True)}

@@ -56,6 +56,7 @@ class Plan:
     share: float  # each mechanism's share of the cost, in the cost's unit
     threshold_epsilon: float = 0.0
     alphas: dict[str, float] = field(default_factory=dict)
+    min_group_size: int = 10
 
     @property
     def unit(self) -> str:
@@ -63,6 +64,7 @@ class Plan:
 
 
 def plan(spec: QuerySpec, schema: DatasetSchema, *, min_group_size: int = 10) -> Plan:
+    """``min_group_size`` is the floor of the DP-key threshold (from the policy)."""
     cost = Cost.of(epsilon=spec.epsilon, rho=spec.rho, delta=spec.delta)
     parts: list[agg.Part] = []
     outputs = [Output(k, "key") for k in spec.group_by]
@@ -104,7 +106,7 @@ def plan(spec: QuerySpec, schema: DatasetSchema, *, min_group_size: int = 10) ->
                   d_in=schema.privacy_unit.max_rows_per_unit, share=share, alphas=alphas)
     if spec.keys == "dp":
         result.threshold_epsilon = share
-    del min_group_size
+    result.min_group_size = min_group_size
     return result
 
 
@@ -128,9 +130,10 @@ def estimate(p: Plan) -> dict[str, Any]:
         for out in p.outputs:
             if out.kind in ("count", "sum", "histogram"):
                 result["half_width"][out.name] = _part_half_width(p, out.parts[0], scale)
+    groups = p.keys.height if p.keys is not None else 1
     for q in p.quantiles:
-        result["rank_error"][q.name] = _rank_error(p, _quantile_calibration(p, q, 1).scale,
-                                                   q)
+        result["rank_error"][q.name] = _rank_error(
+            p, _quantile_calibration(p, q, max(groups, 1)).scale, q)
     return result
 
 
@@ -205,7 +208,7 @@ def _release_keys(p: Plan, session: Any, handle: mech.DatasetHandle, approximate
     spec = p.spec
     calibrated, cut = mech.threshold(
         lambda h: agg.observed_key_counts(h.lazy(p.columns), spec), d_in=p.d_in,
-        epsilon=p.threshold_epsilon, delta=p.cost.delta, minimum=10)
+        epsilon=p.threshold_epsilon, delta=p.cost.delta, minimum=p.min_group_size)
     released = session(mech.adapt(calibrated.measurement, session_unit, approximate))
     rows = [agg.decode_key(k, spec) for k in sorted(released)]
     dtypes = {k: (pl.Boolean if p.schema.column(k).type.value == "bool" else pl.String)
@@ -258,7 +261,8 @@ def _table(p: Plan, keys: pl.DataFrame | None, groups: int, noisy: dict[str, np.
                 assert out.aggregate is not None
                 row[out.name] = {"value": chosen[out.name][g],
                                  "rank_error": _rank_error(
-                                     p, _quantile_calibration(p, out.aggregate, 1).scale,
+                                     p, _quantile_calibration(p, out.aggregate,
+                                                              max(groups, 1)).scale,
                                      out.aggregate)}
             elif out.kind == "histogram":
                 row[out.name] = _histogram_cell(p, out, noisy, scales, g)

@@ -36,6 +36,10 @@ def check_query(spec: QuerySpec, schema: DatasetSchema, policy: PolicyDocument) 
     for key in spec.group_by:
         column = _column(schema, key, "group_by")
         _allowed(policy, column.classification.value, ColumnUse.GROUP_BY, key, "group_by")
+        if spec.keys == "dp" and column.type not in (ColumnType.CATEGORY, ColumnType.STR,
+                                                     ColumnType.BOOL):
+            raise QueryRefused(f"group_by {key!r}: keys released by DP must be text, category "
+                               "or bool columns")
         if spec.keys == "public" and not column.categories and column.type != ColumnType.BOOL:
             raise QueryRefused(f"group_by {key!r}: the owner declared no public key set for "
                                "this column (use keys='dp' if the policy allows it)")
@@ -55,7 +59,7 @@ def check_query(spec: QuerySpec, schema: DatasetSchema, policy: PolicyDocument) 
                                "not numeric")
         if column.bounds is None:
             raise QueryRefused(f"{agg.kind}({agg.column}): the owner declared no bounds")
-        if policy.mode == "sdc" and agg.kind in ("quantile", "median"):
+        if policy.mode == "sdc" and agg.kind in ("quantile", "median", "histogram"):
             raise QueryRefused(f"{agg.kind}: not available under statistical disclosure "
                                "control (an exact quantile is a single record's value)")
 

@@ -8,21 +8,21 @@ if it still has that hash.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sandbox.db.models import Job, JobResult, Release, Review
-from sandbox.errors import Forbidden, NotFound
+from sandbox.audit import record
+from sandbox.db.models import Job, JobResult, Release, Review, utcnow
+from sandbox.errors import Conflict, Forbidden, NotFound
 from sandbox.identity.service import Principal, Role
 from sandbox.jobs.states import JobStatus, transition
+from sandbox.review.signing import Signer, canonical
 
 
 def content_digest(content: dict[str, Any]) -> str:
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical(content)).hexdigest()
 
 
 def check_can_review(principal: Principal, job: Job) -> None:
@@ -32,22 +32,47 @@ def check_can_review(principal: Principal, job: Job) -> None:
         raise Forbidden("reviewers may not review jobs of their own organisation")
 
 
-def create_release(session: Session, job: Job, *, released_by: str | None) -> Release:
+def create_release(session: Session, job: Job, *, released_by: str | None,
+                   signer: Signer) -> Release:
+    """Bind the release to the approved content's hash and sign it (Ed25519)."""
     result = session.get(JobResult, job.id)
     if result is None:
         raise NotFound(f"job {job.id!r} has no output")
+    payload = {"job_id": job.id, "dataset_id": job.dataset_id,
+               "dataset_version": job.dataset_version, "sha256": result.content_sha256,
+               "content": result.content, "released_at": utcnow().isoformat(),
+               "released_by": released_by}
+    artifact = signer.sign(payload)
     release = Release(job_id=job.id, content_sha256=result.content_sha256,
-                      released_by=released_by)
+                      released_by=released_by, artifact=artifact, key_id=signer.key_id)
     session.add(release)
     session.flush()
+    record(session, actor_id=released_by, action="release.signed", object_type="job",
+           object_id=job.id, detail={"sha256": result.content_sha256,
+                                     "key_id": signer.key_id})
     return release
 
 
-def approve(session: Session, principal: Principal, job: Job) -> Release:
+def approve(session: Session, principal: Principal, job: Job, *, signer: Signer,
+            approvals_required: int = 1) -> Release | None:
+    """Record the approval; release once ``approvals_required`` distinct reviewers have
+    approved (the two-person rule when it is 2). ``None`` while more are needed."""
     check_can_review(principal, job)
+    if job.status != JobStatus.PENDING_REVIEW.value:
+        raise Conflict(f"job is {job.status}, not waiting for review")
+    approvers = set(session.scalars(select(Review.reviewer_id).where(
+        Review.job_id == job.id, Review.decision == "approved")))
+    if principal.user_id in approvers:
+        raise Conflict("you have already approved this job; another reviewer must approve")
     session.add(Review(job_id=job.id, reviewer_id=principal.user_id, decision="approved"))
+    session.flush()
+    record(session, actor_id=principal.user_id, action="review.approved", object_type="job",
+           object_id=job.id, detail={"approvals": len(approvers) + 1,
+                                     "required": approvals_required})
+    if len(approvers) + 1 < approvals_required:
+        return None
     transition(session, job, JobStatus.RELEASED, actor="reviewer", actor_id=principal.user_id)
-    return create_release(session, job, released_by=principal.user_id)
+    return create_release(session, job, released_by=principal.user_id, signer=signer)
 
 
 def reject(session: Session, principal: Principal, job: Job, reason: str) -> None:

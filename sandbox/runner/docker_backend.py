@@ -44,6 +44,9 @@ from sandbox.runner.contract import (
 )
 
 STDERR_CAP = 64 * 1024
+# gVisor's own kernel (the Sentry, a Go program) runs in the container's pids cgroup and
+# needs threads of its own; the script's processes live inside it.
+RUNSC_PIDS_HEADROOM = 128
 PENDING_CAP = 16 * 1024 * 1024  # stdout kept for a late reader once the job has ended
 ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
                "MPLCONFIGDIR": "/tmp", "LANG": "C.UTF-8"}
@@ -223,6 +226,10 @@ class DockerExecutor(Executor):
         self.check_runtime_key = check_runtime_key
         self._client = client
 
+    @property
+    def _gvisor(self) -> bool:
+        return bool(self.runtime and "runsc" in self.runtime)
+
     # -- the engine -------------------------------------------------------------------
 
     def _docker(self) -> Any:
@@ -313,7 +320,7 @@ class DockerExecutor(Executor):
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             ipc_mode="none",
-            pids_limit=limits.processes,
+            pids_limit=limits.processes + (RUNSC_PIDS_HEADROOM if self._gvisor else 0),
             mem_limit=limits.memory_bytes,
             memswap_limit=limits.memory_bytes,
             nano_cpus=int(self.cpus * 1e9),

@@ -9,10 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
-from sandbox.db.models import Job, JobResult
+from sandbox.db.models import Job, JobResult, Policy
 from sandbox.errors import Forbidden
 from sandbox.identity.service import Principal, Role
 from sandbox.jobs import service as jobs
+from sandbox.policies.service import document
 from sandbox.review import service
 
 router = APIRouter(prefix="/v1/reviews", tags=["reviews"])
@@ -54,9 +55,16 @@ def approve(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[s
     require_role(principal, Role.REVIEWER)
     with runtime.db.transaction() as session:
         job = _reviewable(session, principal, job_id)
-        release = service.approve(session, principal, job)
+        policy = session.get(Policy, job.policy_id)
+        required = document(policy).approvals if policy else 1
+        release = service.approve(session, principal, job, signer=runtime.signer,
+                                  approvals_required=required)
+        if release is None:
+            return {"job": jobs.job_view(job), "release": None,
+                    "note": f"approval recorded; {required} distinct reviewers must approve"}
         return {"job": jobs.job_view(job), "release": {"id": release.id,
-                                                        "sha256": release.content_sha256}}
+                                                        "sha256": release.content_sha256,
+                                                        "key_id": release.key_id}}
 
 
 @router.post("/{job_id}/reject", summary="Reject the output with a reason the analyst sees")
