@@ -232,6 +232,8 @@ def test_fuzz_openapi(case: Any, role: str, world: World) -> None:
     except Exception as exc:  # an unhandled exception inside the app: a 500 in production
         tail = "".join(traceback.format_exception(exc)[-6:])
         raise AssertionError(f"unhandled exception: {_describe(case, role)}\n{tail}") from exc
+    with open("/tmp/fuzz_stats.jsonl", "a") as fh:
+        fh.write(json.dumps([role, case.method, case.path, response.status_code, response.text[:150], repr(case.body)[:300], case.path_parameters, case.query]) + "\n")
     case.validate_response(
         response,
         checks=[not_a_server_error, schema_conformance_except_422, detail_on_4xx],

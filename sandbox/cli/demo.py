@@ -8,6 +8,7 @@ and stops the server.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -97,6 +98,76 @@ def _release_table(result: dict[str, Any]) -> Table:
                 cells.append(f"{cell['value']:,.0f} ± {(cell['high'] - cell['low']) / 2:,.0f}")
         table.add_row(*cells)
     return table
+
+
+SCRIPT = """
+from sandbox.sdk import datasets, count, mean, median, emit
+d = datasets["enterprises"]
+by_industry = d.group_by("industry").agg(count(), mean("employees")).release(epsilon=0.3)
+typical = d.filter("city", "==", "Suzhou").agg(median("founded_year")).release(epsilon=0.2)
+year = typical.values()[0]["median_founded_year"]
+print("industries released:", len(by_industry))
+emit("enterprises_by_industry", by_industry)
+emit("note", f"a typical Suzhou enterprise was founded around {year:.0f}")
+"""
+
+
+def _signed_release(console: Console, analyst: SandboxClient, job_id: str, url: str) -> None:
+    from sandbox.review.signing import verify
+    console.rule("[bold]6. anyone: verify the signed release")
+    artifact = analyst.release(job_id)
+    pem = httpx.get(f"{url}/v1/releases/public-key", timeout=30).json()["pem"]
+    payload = verify(artifact, pem)
+    console.print(f"release of job {job_id[:8]}... signed with Ed25519 key "
+                  f"{artifact['key_id']}: valid, bound to sha256 {payload['sha256'][:16]}...")
+    forged = json.loads(json.dumps(artifact))
+    forged["payload"]["content"]["rows"][0]["count"]["value"] += 1
+    try:
+        verify(forged, pem)
+    except Exception as exc:
+        console.print(f"   a copy with one number changed: [yellow]{exc}[/yellow]")
+
+
+def _script_job(console: Console, analyst: SandboxClient, reviewer: SandboxClient) -> None:
+    console.rule("[bold]7. analyst: a Python script in the sandbox (mock run, then real)")
+    if shutil.which("bwrap") is None:
+        console.print("skipped: bubblewrap is not installed (apt-get install bubblewrap); "
+                      "script jobs are refused rather than run without isolation")
+        return
+    _expect_refusal(console, "a script that imports os",
+                    lambda: analyst.submit_script("enterprises", "import os\nprint(os.environ)"))
+    mock = analyst.submit_script("enterprises", SCRIPT, mode="mock")
+    mock = analyst.wait(mock["id"], timeout=120)
+    if mock["status"] != "released":
+        raise RuntimeError(f"mock run ended {mock['status']}: {mock['error']}")
+    logs = "".join(line["text"] for line in analyst.result(mock["id"])["logs"])
+    console.print(f"mock run (mock data, no budget), logs straight back: {logs.strip()}")
+    real = analyst.submit_script("enterprises", SCRIPT)
+    real = analyst.wait(real["id"], timeout=120)
+    if real["status"] != "pending_review":
+        raise RuntimeError(f"script job ended {real['status']}: {real['error']}")
+    review = reviewer.review(real["id"])["output"]
+    console.print(f"real run: {review['queries']} queries answered by the broker, outputs "
+                  f"{[o['name'] for o in review['outputs']]}; checks: "
+                  f"{sorted({c['check'] for c in review['checks']})}")
+    reviewer.approve(real["id"])
+    released = analyst.result(real["id"])
+    note = next(o["payload"] for o in released["outputs"] if o["name"] == "note")
+    console.print(f"released after review: {note}")
+
+
+def _audit(console: Console, home: Path) -> None:
+    from sandbox.audit import verify as verify_audit
+    from sandbox.runtime import Runtime
+    console.rule("[bold]8. admin: the audit log")
+    runtime = Runtime.open(Settings(home=home))
+    try:
+        with runtime.db.transaction() as session:
+            result = verify_audit(session)
+    finally:
+        runtime.close()
+    console.print(f"hash chain intact: {result.ok}, {result.events} events, head "
+                  f"{result.head[:16]}...")
 
 
 def run_demo(*, rows: int, keep_home: Path | None, console: Console) -> int:
@@ -191,6 +262,9 @@ def run_demo(*, rows: int, keep_home: Path | None, console: Console) -> int:
                       f"{spent['left']:.3g}; your organisation has "
                       f"{spent['organisation']['left']:.3g} left of "
                       f"{spent['organisation']['cap']:.3g}")
+        _signed_release(console, analyst, job["id"], url)
+        _script_job(console, analyst, reviewer)
+        _audit(console, home)
         console.rule(f"[bold green]demo finished in {time.monotonic() - started:.1f}s")
         return 0
     except (ApiError, RuntimeError, TimeoutError) as exc:
