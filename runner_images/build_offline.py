@@ -20,7 +20,8 @@ tagged ``sandbox-runner:<runtime_key()>`` and ``sandbox-runner:latest``. Idempot
 image with that tag built by this same recipe is reused (``--force`` rebuilds). Prints
 the image id on stdout; progress goes to stderr.
 
-Usage: ``.venv/bin/python runner_images/build_offline.py [--force] [--repository NAME]``
+Usage: ``.venv/bin/python runner_images/build_offline.py [--force] [--repository NAME]
+[--keep N]`` (older offline builds beyond the ``N`` newest are removed; default 2).
 """
 
 from __future__ import annotations
@@ -350,7 +351,7 @@ def verify(image: str) -> str:
     return result.stdout.strip()
 
 
-def build(repository: str, force: bool) -> str:
+def build(repository: str, force: bool, keep: int = 2) -> str:
     from sandbox.runner.bubblewrap import BOOT
     from sandbox.runner.runtime import ensure_runtime, runtime_key
 
@@ -393,18 +394,39 @@ def build(repository: str, force: bool) -> str:
     docker("tag", image, latest)
     log(f"checked ({versions}); tagged {tag} and {latest} in "
         f"{time.monotonic() - started:.1f}s")
+    prune(repository, keep)
     return image
+
+
+def prune(repository: str, keep: int) -> None:
+    """Drop all but the ``keep`` newest offline builds of ``repository`` (each is a
+    half-gigabyte; an image still used by a container stays)."""
+    listed = docker("image", "ls", repository, "--filter", "label=org.sandbox.build=offline",
+                    "--format", "{{.Tag}} {{.ID}}", check=False).stdout.split("\n")
+    seen: list[str] = []
+    for line in listed:  # newest first
+        tag, _, ident = line.strip().partition(" ")
+        if not tag or tag in ("latest", "<none>"):
+            continue
+        if ident not in seen:
+            seen.append(ident)
+        if seen.index(ident) >= keep:
+            result = docker("rmi", f"{repository}:{tag}", check=False)
+            if result.returncode == 0:
+                log(f"removed the old build {repository}:{tag}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--repository", default="sandbox-runner")
+    parser.add_argument("--keep", type=int, default=2,
+                        help="offline builds kept (the new one included); older ones removed")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 and not os.access(RUNTIME_ROOT.parent, os.W_OK) \
             and not RUNTIME_ROOT.exists():
         raise SystemExit(f"{RUNTIME_ROOT} cannot be created: run as root")
-    print(build(args.repository, args.force))
+    print(build(args.repository, args.force, max(1, args.keep)))
     return 0
 
 

@@ -4,8 +4,8 @@
 #     missing;
 #  2. start dockerd in the background if `docker info` fails: no iptables, no bridge (the
 #     sandbox containers run with network_mode=none), pidfile /run/sandbox-dockerd.pid,
-#     log /var/log/sandbox-dockerd.log, and gVisor's runsc registered when it is installed
-#     (apt-get install runsc); wait until `docker info` answers (60 s at most);
+#     log /var/log/sandbox-dockerd.log, gVisor registered as runtime "runsc" when it is
+#     installed (apt-get install runsc); wait until `docker info` answers (60 s at most);
 #  3. build the runner image offline (runner_images/build_offline.py: skipped when
 #     sandbox-runner:<runtime key> is up to date) and tag it sandbox-runner:latest.
 # Stop the engine it started with: kill "$(cat /run/sandbox-dockerd.pid)".
@@ -40,6 +40,7 @@ if docker info >/dev/null 2>&1; then
   say "the Docker engine already answers"
 else
   pid=""
+  started_pid=""
   [ -f "$PIDFILE" ] && pid=$(cat "$PIDFILE" 2>/dev/null || true)
   if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" = dockerd ]; then
     say "dockerd (pid $pid) is running but not answering yet; waiting"
@@ -47,16 +48,26 @@ else
     [ "$(id -u)" = 0 ] || die "the Docker engine is not running and starting it needs root"
     rm -f "$PIDFILE"  # stale: dockerd refuses a pidfile naming a live process
     extra=()
-    if command -v runsc >/dev/null 2>&1; then  # gVisor installed: offer it (runtime=runsc)
-      extra+=(--add-runtime "runsc=$(command -v runsc)")
+    runsc=$(command -v runsc 2>/dev/null || true)
+    if [ -n "$runsc" ] && [ ! -e /etc/docker/daemon.json ]; then
+      # gVisor installed (apt-get install runsc): offer it as runtime "runsc"; sandbox
+      # containers never have a network, and gVisor's netstack needs --network=none there
+      printf '{"runtimes": {"runsc": {"path": "%s", "runtimeArgs": ["--network=none"]}}}\n' \
+        "$runsc" >/run/sandbox-dockerd.json
+      extra+=(--config-file /run/sandbox-dockerd.json)
     fi
     say "starting dockerd ${extra[*]:+${extra[*]} }(pidfile $PIDFILE, log $LOG)"
     mkdir -p "$(dirname "$LOG")"
     setsid dockerd --iptables=false --ip6tables=false --bridge=none --pidfile "$PIDFILE" \
       "${extra[@]}" >>"$LOG" 2>&1 </dev/null &
+    started_pid=$!
   fi
   deadline=$((SECONDS + WAIT_SECONDS))
   until docker info >/dev/null 2>&1; do
+    if [ -n "$started_pid" ] && ! kill -0 "$started_pid" 2>/dev/null; then
+      tail -n 20 "$LOG" >&2 || true
+      die "dockerd exited at start (log: $LOG)"
+    fi
     if [ "$SECONDS" -ge "$deadline" ]; then
       tail -n 20 "$LOG" >&2 || true
       die "the Docker engine did not answer within ${WAIT_SECONDS}s (log: $LOG)"

@@ -173,6 +173,10 @@ def _race(tmp_path: Path, demo_files: tuple[Path, Path], database_url: str | Non
                 _wait_drained(home, procs)
             finally:
                 stop_processes(procs)
+                for proc in procs:
+                    for pipe in (proc.stdin, proc.stdout):
+                        if pipe is not None:
+                            pipe.close()
             assert [p.returncode for p in procs] == [0] * N_WORKERS  # clean SIGTERM stop
 
             budget = httpx.get(f"{url}/v1/budget/enterprises", headers=analyst).json()
@@ -230,12 +234,20 @@ def _race(tmp_path: Path, demo_files: tuple[Path, Path], database_url: str | Non
         started = [e for e in events if e.action == "job.started"]
         assert {e.object_id for e in started} == job_ids
 
-        # 6. the race really was between several processes, each of which took jobs
+        # 6. the race really was between several of the spawned processes. PostgreSQL
+        # (FOR UPDATE SKIP LOCKED) shares the queue out evenly, so every worker must have
+        # taken jobs. SQLite's busy-handler backoff is not fair: in about one run in a
+        # dozen one of four workers stays locked out for the whole ~3 s burst, so there
+        # at least half of them must have taken jobs.
         host = socket.gethostname()
+        spawned = {f"{host}:{p.pid}" for p in procs}
         per_worker = Counter(e.detail["worker"] for e in started)
-        assert set(per_worker) == {f"{host}:{p.pid}" for p in procs}, per_worker
-        assert len(per_worker) == N_WORKERS and min(per_worker.values()) >= 1, per_worker
-        print(f"jobs per worker: {sorted(per_worker.values())}")
+        charged_by = Counter(e.detail["worker"] for e in started if e.object_id in answered)
+        print(f"jobs per worker: {sorted(per_worker.values())}, "
+              f"answered per worker: {sorted(charged_by.values())}")
+        assert set(per_worker) <= spawned, per_worker
+        needed = N_WORKERS if database_url else N_WORKERS // 2
+        assert len(per_worker) >= needed, per_worker
     finally:
         home.runtime.close()
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
 from sandbox import __version__
+from sandbox.api.hygiene import BodyLimit, Metrics
 from sandbox.api.routers import (
     budget,
     datasets,
@@ -24,6 +26,7 @@ from sandbox.api.routers import (
 from sandbox.audit import record
 from sandbox.datasets.ingest import IngestError
 from sandbox.datasets.schema import SchemaError
+from sandbox.db.models import Job
 from sandbox.errors import SandboxError
 from sandbox.runtime import Runtime
 
@@ -36,6 +39,17 @@ def create_app(runtime: Runtime) -> FastAPI:
                               "reviewed results come out. Authenticate with "
                               "`Authorization: Bearer <token>`.")
     app.state.runtime = runtime
+    metrics = Metrics()
+    app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(request.method, getattr(route, "path", "unmatched"),
+                        response.status_code, time.perf_counter() - started)
+        return response
     for module in (datasets, policies, jobs, reviews, releases, budget, queries):
         app.include_router(module.router)
 
@@ -45,11 +59,20 @@ def create_app(runtime: Runtime) -> FastAPI:
             session.execute(text("SELECT 1"))
         return {"status": "ok", "version": __version__, "database": runtime.db.dialect}
 
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (aggregate counts only)",
+             response_class=PlainTextResponse)
+    def prometheus() -> str:
+        with runtime.db.transaction() as session:
+            jobs = dict(session.execute(select(Job.status, func.count())
+                                        .group_by(Job.status)).tuples().all())
+        return metrics.render(jobs, {})
+
     @app.exception_handler(SandboxError)
     async def _sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
         if exc.status_code == 403:
             _audit_forbidden(runtime, request, str(exc))
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+        headers = {"Retry-After": "60"} if exc.status_code == 429 else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(SchemaError)
     @app.exception_handler(IngestError)

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8765
     max_upload_bytes: int = 2 * 1024**3
+    max_request_bytes: int = Field(default=1024 * 1024,
+                                   description="JSON request bodies (uploads have their own cap)")
+    submissions_per_minute: int = Field(default=60, description="per organisation (429)")
+    max_pending_jobs: int = Field(default=100, description="per organisation (429)")
     worker_poll_seconds: float = 0.2
     lease_seconds: float = 60.0
     max_attempts: int = 3

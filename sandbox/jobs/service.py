@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import Select, false, select
+from sqlalchemy import Select, false, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sandbox.audit import record
 from sandbox.datasets import catalog
-from sandbox.db.models import Job, Organisation, as_utc
-from sandbox.errors import Conflict, Invalid, NotFound
+from sandbox.db.models import Job, Organisation, as_utc, utcnow
+from sandbox.errors import Conflict, Invalid, NotFound, SandboxError
 from sandbox.identity.service import Principal, Role
 from sandbox.jobs.screen import screen
 from sandbox.jobs.states import JobStatus, transition
@@ -195,6 +195,37 @@ def visible_job(session: Session, principal: Principal, job_id: str) -> Job:
     if job is None or not can_see_job(principal, job):
         raise NotFound(f"job {job_id!r} not found")
     return job
+
+
+class QuotaExceeded(SandboxError):
+    """Too many submissions or pending jobs for the organisation (HTTP 429)."""
+
+    status_code = 429
+
+
+def has_key(session: Session, principal: Principal, idempotency_key: str) -> bool:
+    """A retry with a known key is answered, never throttled."""
+    return session.scalar(select(Job.id).where(Job.org_id == principal.org_id,
+                                               Job.idempotency_key == idempotency_key)) \
+        is not None
+
+
+def check_quota(session: Session, principal: Principal, *, per_minute: int,
+                pending: int) -> None:
+    """Per-organisation flood control: submissions per minute and unfinished jobs."""
+    since = utcnow() - timedelta(minutes=1)
+    recent = session.scalar(select(func.count()).select_from(Job).where(
+        Job.org_id == principal.org_id, Job.created_at >= since)) or 0
+    if recent >= per_minute:
+        raise QuotaExceeded(f"your organisation submitted {recent} jobs in the last minute "
+                            f"(limit {per_minute}); retry later")
+    unfinished = session.scalar(select(func.count()).select_from(Job).where(
+        Job.org_id == principal.org_id,
+        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value,
+                        JobStatus.PENDING_REVIEW.value]))) or 0
+    if unfinished >= pending:
+        raise QuotaExceeded(f"your organisation has {unfinished} unfinished jobs (limit "
+                            f"{pending}); wait for some to finish")
 
 
 def visible_jobs_query(principal: Principal) -> Select[Any]:

@@ -166,20 +166,22 @@ class _Demux(io.RawIOBase):
             return len(chunk)
 
     def drain(self, timeout: float) -> None:
-        """Read the stream to its end (for stderr), keeping stdout for a late reader.
-        Gives up after ``timeout`` seconds; a reader blocked in ``read`` holds the lock
-        and consumes stderr frames itself."""
+        """Read the stream to its end (for stderr), keeping stdout for a late reader; at
+        most ``timeout`` seconds in all. A reader blocked in ``read`` holds the lock and
+        consumes stderr frames itself."""
+        deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=timeout):
             return
         try:
-            with contextlib.suppress(OSError):
-                self._sock.settimeout(timeout)
             while not self._eof:
-                chunk = self._read_stdout(65536)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                with contextlib.suppress(OSError):
+                    self._sock.settimeout(remaining)
+                chunk = self._read_stdout(65536)  # a timeout reads as the end
                 if len(self._pending) < PENDING_CAP:
                     self._pending += chunk[: PENDING_CAP - len(self._pending)]
-        except TimeoutError:
-            pass
         finally:
             with contextlib.suppress(OSError):
                 self._sock.settimeout(None)

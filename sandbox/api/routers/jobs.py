@@ -21,6 +21,10 @@ def submit_job(body: service.JobRequest, runtime: RuntimeDep, principal: Princip
                ) -> dict[str, Any]:
     require_role(principal, Role.ANALYST)
     with runtime.db.transaction() as session:
+        if idempotency_key is None or not service.has_key(session, principal, idempotency_key):
+            service.check_quota(session, principal,
+                                per_minute=runtime.settings.submissions_per_minute,
+                                pending=runtime.settings.max_pending_jobs)
         job = service.submit_query_job(session, principal, body,
                                        idempotency_key=idempotency_key)
         return service.job_view(job)
