@@ -124,3 +124,19 @@ def test_budget_exhaustion_fails_closed(ready: Api) -> None:
     assert all("budget exhausted for your organisation" in f["error"] for f in failed)
     response = ready.as_("analyst").post("/v1/jobs", json={"query": QUERY})
     assert response.status_code == 409 and "budget exhausted" in response.json()["detail"]
+
+
+def test_last_affordable_job_is_answered_despite_float_drift(api: Api, demo_files) -> None:
+    from conftest import POLICY_YAML
+    api.register(demo_files)
+    policy = POLICY_YAML
+    for field in ("total: 5.0", "per_job: 1.0", "per_query: 1.0", "per_organisation: 3.0"):
+        policy = policy.replace(field, field.split(":")[0] + ": 0.3")
+    api.approve_policy(policy)
+    ids = [api.as_("analyst").post("/v1/jobs", json={"query": {**QUERY, "epsilon": 0.1}})
+           .json()["id"] for _ in range(3)]
+    worker = api.home.worker()
+    while worker.run_once():
+        pass
+    statuses = [api.as_("analyst").get(f"/v1/jobs/{i}").json()["status"] for i in ids]
+    assert statuses == ["pending_review"] * 3

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from sandbox import __version__
 from sandbox.api.hygiene import BodyLimit, Metrics
+from sandbox.datasets.cache import reap_stale_uploads
 from sandbox.api.routers import (
     budget,
     datasets,
@@ -39,6 +40,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                               "reviewed results come out. Authenticate with "
                               "`Authorization: Bearer <token>`.")
     app.state.runtime = runtime
+    reap_stale_uploads(runtime.settings.tmpfs_dir)  # orphans of a crashed API
     metrics = Metrics()
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
 

@@ -104,6 +104,23 @@ def reap_orphans(tmpfs_dir: Path) -> int:
     return removed
 
 
+def reap_stale_uploads(tmpfs_dir: Path, older_than: float = 3600.0) -> int:
+    """Remove upload spool directories left by a crashed API (plaintext in RAM)."""
+    import time
+    removed = 0
+    if not tmpfs_dir.is_dir():
+        return 0
+    for entry in tmpfs_dir.iterdir():
+        if entry.name.startswith("sbx-upload-"):
+            try:
+                if time.time() - entry.stat().st_mtime > older_than:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

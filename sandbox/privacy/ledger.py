@@ -177,4 +177,5 @@ def left_for(session: Session, *, dataset_id: str, org_id: str, job_id: str,
     left = min(budget.total - dataset.in_unit(unit),
                budget.organisation_cap - spent(session, dataset_id, org_id=org_id).in_unit(unit),
                budget.per_job - spent(session, dataset_id, job_id=job_id).in_unit(unit))
-    return max(0.0, left), max(0.0, budget.total_delta - dataset.delta)
+    # the same slack the charge was accepted with: float sums of decimal costs drift
+    return max(0.0, left) + TOLERANCE, max(0.0, budget.total_delta - dataset.delta)

@@ -1,0 +1,100 @@
+"""Every role against every endpoint: allowed, forbidden (403) or invisible (404), and
+a locked database answers 503 with nothing changed (attack catalogue 38-42, 57)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from conftest import QUERY, Api
+
+from sandbox.db import Database
+
+
+@pytest.fixture
+def world(ready: Api) -> tuple[Api, str]:
+    job_id = ready.as_("analyst").post("/v1/jobs", json={"query": QUERY}).json()["id"]
+    ready.home.worker().run_once()
+    return ready, job_id
+
+
+# (method, path, body) -> expected status per role
+CASES = [
+    ("GET", "/v1/datasets", None, {"owner": 200, "analyst": 200, "reviewer": 200, "admin": 200}),
+    ("GET", "/v1/datasets/enterprises", None,
+     {"owner": 200, "analyst": 200, "reviewer": 200, "admin": 200}),
+    ("GET", "/v1/datasets/enterprises/policies", None,
+     {"owner": 200, "analyst": 200, "reviewer": 200, "admin": 200}),
+    ("POST", "/v1/datasets/enterprises/policies", {"yaml": "dataset: x"},
+     {"owner": 422, "analyst": 403, "reviewer": 403, "admin": 403}),
+    ("POST", "/v1/datasets/enterprises/policies/1/approve", None,
+     {"owner": 409, "analyst": 403, "reviewer": 403, "admin": 403}),
+    ("DELETE", "/v1/datasets/enterprises", None,
+     {"analyst": 403, "reviewer": 403, "admin": 403}),
+    ("POST", "/v1/jobs", {"query": QUERY},
+     {"owner": 403, "analyst": 201, "reviewer": 403, "admin": 403}),
+    ("GET", "/v1/jobs/{job}", None, {"owner": 404, "analyst": 200, "reviewer": 200, "admin": 200}),
+    ("GET", "/v1/jobs/{job}/result", None,
+     {"owner": 404, "analyst": 404, "reviewer": 404, "admin": 404}),
+    ("POST", "/v1/jobs/{job}/cancel", None,
+     {"owner": 404, "reviewer": 404, "admin": 404}),
+    ("GET", "/v1/reviews", None, {"owner": 403, "analyst": 403, "reviewer": 200, "admin": 403}),
+    ("GET", "/v1/reviews/{job}", None,
+     {"owner": 403, "analyst": 403, "reviewer": 200, "admin": 403}),
+    ("POST", "/v1/reviews/{job}/reject", {"reason": "no"},
+     {"owner": 403, "analyst": 403, "admin": 403}),
+    ("GET", "/v1/releases/{job}", None,
+     {"owner": 404, "analyst": 404, "reviewer": 404, "admin": 404}),
+    ("GET", "/v1/budget/enterprises", None,
+     {"owner": 200, "analyst": 200, "reviewer": 200, "admin": 200}),
+    ("POST", "/v1/queries/estimate", QUERY,
+     {"owner": 200, "analyst": 200, "reviewer": 200, "admin": 200}),
+    ("GET", "/v1/jobs/nonexistent", None,
+     {"owner": 404, "analyst": 404, "reviewer": 404, "admin": 404}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "expected"), CASES,
+                         ids=[f"{c[0]} {c[1]}" for c in CASES])
+def test_role_matrix(world: tuple[Api, str], method: str, path: str, body: dict | None,
+                     expected: dict[str, int]) -> None:
+    api, job_id = world
+    for role, status in expected.items():
+        response = api.as_(role).request(method, path.replace("{job}", job_id), json=body)
+        assert response.status_code == status, (role, response.text)
+        assert "detail" in response.json() or status < 400
+
+
+def test_invisible_is_identical_to_missing(world: tuple[Api, str]) -> None:
+    api, job_id = world
+    hidden = api.as_("owner").get(f"/v1/jobs/{job_id}").json()["detail"]
+    missing = api.as_("owner").get("/v1/jobs/0123456789abcdef0123456789abcdef").json()["detail"]
+    assert hidden.replace(job_id, "X") == missing.replace("0123456789abcdef0123456789abcdef", "X")
+
+
+def test_forbidden_actions_are_audited(world: tuple[Api, str]) -> None:
+    from sqlalchemy import select
+
+    from sandbox.db.models import AuditEvent
+    api, job_id = world
+    api.as_("analyst").post(f"/v1/reviews/{job_id}/approve")
+    with api.home.runtime.db.transaction() as session:
+        actions = list(session.scalars(select(AuditEvent.action)))
+    assert "access.forbidden" in actions
+
+
+def test_locked_database_is_503_and_nothing_changes(world: tuple[Api, str]) -> None:
+    api, _ = world
+    url = api.home.runtime.db.url
+    api.home.runtime.db = Database(url, busy_timeout_ms=200)
+    path = url.removeprefix("sqlite:///")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        response = api.as_("analyst").post("/v1/jobs", json={"query": QUERY})
+        assert response.status_code == 503 and "unavailable" in response.json()["detail"]
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    jobs = api.as_("analyst").get("/v1/jobs").json()
+    assert len(jobs) == 1
