@@ -14,7 +14,6 @@ from sqlalchemy.exc import OperationalError
 
 from sandbox import __version__
 from sandbox.api.hygiene import BodyLimit, Metrics
-from sandbox.datasets.cache import reap_stale_uploads
 from sandbox.api.routers import (
     budget,
     datasets,
@@ -25,6 +24,7 @@ from sandbox.api.routers import (
     reviews,
 )
 from sandbox.audit import record
+from sandbox.datasets.cache import reap_stale_uploads
 from sandbox.datasets.ingest import IngestError
 from sandbox.datasets.schema import SchemaError
 from sandbox.db.models import Job

@@ -20,11 +20,20 @@ from sqlalchemy.orm import Session
 
 from sandbox.audit import record
 from sandbox.datasets import catalog
-from sandbox.db.models import Job, Organisation, as_utc, utcnow
+from sandbox.db.models import (
+    Dataset,
+    DatasetVersion,
+    Job,
+    Organisation,
+    Policy,
+    as_utc,
+    utcnow,
+)
 from sandbox.errors import Conflict, Invalid, NotFound, SandboxError
 from sandbox.identity.service import Principal, Role
 from sandbox.jobs.screen import screen
 from sandbox.jobs.states import JobStatus, transition
+from sandbox.policies.model import PolicyDocument
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import engine, ledger
 from sandbox.privacy.spec import QuerySpec
@@ -106,15 +115,8 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
         return _submit_script(session, principal, request, digest, idempotency_key,
                               today or date.today())
     spec = request.spec()
-    dataset = catalog.get_dataset(session, spec.dataset)
-    policy = policy_in_force(session, dataset.id)
-    if policy is None:
-        raise Conflict(f"dataset {dataset.name!r} has no approved policy; no query can run")
-    doc = document(policy)
-    org = session.get(Organisation, principal.org_id)
-    assert org is not None
-    check_grant(doc, org.name, today or date.today())
-    version = catalog.latest_version(session, dataset)
+    dataset, policy, doc, version = governing(session, principal, spec.dataset,
+                                              today or date.today())
     schema = catalog.schema_of(version)
     check_query(spec, schema, doc)
     if doc.mode == "dp":
@@ -137,6 +139,23 @@ def submit_query_job(session: Session, principal: Principal, request: JobRequest
     return _insert(session, principal, job, dataset.name, digest, idempotency_key)
 
 
+def governing(session: Session, principal: Principal, dataset_name: str,
+              today: date) -> tuple[Dataset, Policy, PolicyDocument, DatasetVersion]:
+    """The dataset, the policy in force (refusing if none), its document, and the latest
+    version, after checking that the caller's organisation is granted access. Admins and
+    reviewers (who never query) are not checked against grants."""
+    dataset = catalog.get_dataset(session, dataset_name)
+    policy = policy_in_force(session, dataset.id)
+    if policy is None:
+        raise Conflict(f"dataset {dataset.name!r} has no approved policy; no query can run")
+    doc = document(policy)
+    if principal.role in (Role.ANALYST, Role.OWNER):
+        org = session.get(Organisation, principal.org_id)
+        if principal.role == Role.ANALYST or (org and org.id != dataset.owner_org_id):
+            check_grant(doc, org.name if org else "", today)
+    return dataset, policy, doc, catalog.latest_version(session, dataset)
+
+
 def _submit_script(session: Session, principal: Principal, request: JobRequest, digest: str,
                    idempotency_key: str | None, today: date) -> Job:
     """Screen the script (422 naming the line) and queue it; queries are charged as the
@@ -144,15 +163,7 @@ def _submit_script(session: Session, principal: Principal, request: JobRequest, 
     script = request.script
     assert script is not None
     screen(script.source)
-    dataset = catalog.get_dataset(session, script.dataset)
-    policy = policy_in_force(session, dataset.id)
-    if policy is None:
-        raise Conflict(f"dataset {dataset.name!r} has no approved policy; no script can run")
-    doc = document(policy)
-    org = session.get(Organisation, principal.org_id)
-    assert org is not None
-    check_grant(doc, org.name, today)
-    version = catalog.latest_version(session, dataset)
+    dataset, policy, doc, version = governing(session, principal, script.dataset, today)
     job = Job(dataset_id=dataset.id, dataset_version=version.version, org_id=principal.org_id,
               submitted_by=principal.user_id, policy_id=policy.id, kind="script",
               spec={"dataset": dataset.name, "source": script.source, "mode": script.mode},

@@ -26,6 +26,7 @@ import io
 import logging
 import platform
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -211,10 +212,6 @@ class _Stdin(io.RawIOBase):
         super().close()
 
 
-def _is_not_found(exc: Exception) -> bool:
-    return getattr(getattr(exc, "response", None), "status_code", None) == 404
-
-
 class DockerExecutor(Executor):
     name = "docker"
 
@@ -279,10 +276,11 @@ class DockerExecutor(Executor):
         key = (config.get("Labels") or {}).get("org.sandbox.runtime-key")
         if self.check_runtime_key and key:
             from sandbox.runner.runtime import runtime_key
-            if key != runtime_key():
+            wanted = runtime_key()
+            if key != wanted:
                 raise IsolationUnavailable(
                     f"the runner image {self.image} holds runtime {key}, this server needs "
-                    f"{runtime_key()} (the SDK or a library changed); {SETUP_HINT}")
+                    f"{wanted} (the SDK or a library changed); {SETUP_HINT}")
         if self.runtime:
             runtimes = (client.info().get("Runtimes") or {})
             if self.runtime not in runtimes:
@@ -363,6 +361,8 @@ class DockerExecutor(Executor):
             runtime=self.runtime,
         )
         config["StdinOnce"] = True  # our half-close ends stdin, not the stdout stream
+        attached: Any = None
+        sock: socket.socket | None = None
         try:
             ident = client.api.create_container_from_config(config, name=name)["Id"]
             prepared.extra["container_id"] = ident
@@ -372,6 +372,10 @@ class DockerExecutor(Executor):
             started = time.monotonic()
             client.api.start(ident)
         except (docker.errors.APIError, requests.RequestException) as exc:
+            for handle in (sock, attached):
+                with contextlib.suppress(Exception):
+                    if handle is not None:
+                        handle.close()
             self._remove(client, name)
             detail = getattr(exc, "explanation", None) or exc
             raise IsolationUnavailable(
@@ -458,8 +462,6 @@ class DockerExecutor(Executor):
             log.warning("could not remove container %s: %s", name, exc)
 
     def cleanup(self, prepared: Prepared) -> None:
-        import shutil
-
         running = prepared.extra.get("running")
         if isinstance(running, Running):
             for stream in (running.stdin, running.stdout):

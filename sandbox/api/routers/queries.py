@@ -10,16 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep
 from sandbox.datasets import catalog
-from sandbox.db.models import Organisation
-from sandbox.errors import Conflict
-from sandbox.identity.service import Role
-from sandbox.jobs.service import SqlQuery
-from sandbox.policies.service import document, policy_in_force
+from sandbox.jobs.service import SqlQuery, governing
 from sandbox.privacy import engine
 from sandbox.privacy.spec import QuerySpec
 from sandbox.privacy.sql import compile_sql
 from sandbox.privacy.units import Cost
-from sandbox.privacy.validate import check_grant, check_query
+from sandbox.privacy.validate import check_query
 
 router = APIRouter(prefix="/v1/queries", tags=["queries"])
 
@@ -39,15 +35,9 @@ def estimate(body: QuerySpec | EstimateRequest, runtime: RuntimeDep,
     results = []
     with runtime.db.transaction() as session:
         for spec in specs:
-            dataset = catalog.get_dataset(session, spec.dataset)
-            policy = policy_in_force(session, dataset.id)
-            if policy is None:
-                raise Conflict(f"dataset {dataset.name!r} has no approved policy")
-            doc = document(policy)
-            org = session.get(Organisation, principal.org_id)
-            if principal.role == Role.ANALYST:
-                check_grant(doc, org.name if org else "", date.today())
-            schema = catalog.schema_of(catalog.latest_version(session, dataset))
+            _dataset, _policy, doc, version = governing(session, principal, spec.dataset,
+                                                        date.today())
+            schema = catalog.schema_of(version)
             check_query(spec, schema, doc)
             if doc.mode == "sdc":
                 results.append({"mode": "sdc", "cost": None, "charged_as": 0.0,
