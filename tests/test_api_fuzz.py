@@ -44,7 +44,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance  # noq
 from sandbox.api.app import create_app  # noqa: E402
 
 ROLES = ("owner", "analyst", "reviewer", "admin")
-MAX_EXAMPLES = 30
+MAX_EXAMPLES = 50
 SEED = 20260444  # catalogue line 44
 
 UPLOAD = ("POST", "/v1/datasets")
@@ -57,6 +57,7 @@ CONFIG = schemathesis.Config.from_dict({
         "max-examples": MAX_EXAMPLES,
         "deterministic": True,       # hypothesis derandomize: the same cases every run
         "database": "none",          # no .hypothesis directory, no replay across runs
+        "no-shrink": True,           # a failure is reported as found: no minutes of shrinking
         # The role's bearer token is set per call; generated Authorization values would
         # replace it (missing and broken tokens have their own test below).
         "with-security-parameters": False,
@@ -79,82 +80,118 @@ _odd_floats = st.sampled_from([0.0, -0.0, 1e-300, 5e-324, 1e308, -1e308, 2.0**53
 _numbers = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=False,
                                                               allow_infinity=False), _odd_floats)
 _scalar = st.one_of(st.sampled_from(CATEGORIES), _numbers, st.booleans(), st.text(max_size=12))
-_cost = st.one_of(st.sampled_from([1e-3, 0.01, 0.05, 0.1]), st.floats(1e-3, 0.2), _numbers)
+_small_epsilon = st.one_of(st.sampled_from([1e-3, 0.01, 0.05]), st.floats(1e-3, 0.05))
+
+
+def _rarely(draw: st.DrawFn) -> bool:
+    """True about one time in sixteen: a step that makes a near-valid input invalid. (Not
+    ``== 0``: hypothesis favours the ends of a range.)"""
+    return draw(st.integers(0, 15)) == 7
 
 
 @st.composite
-def _aggregate(draw: st.DrawFn) -> dict[str, Any]:
+def _aggregate(draw: st.DrawFn, index: int) -> dict[str, Any]:
     kind = draw(st.sampled_from(["count", "sum", "mean", "quantile", "median", "histogram"]))
-    agg: dict[str, Any] = {"kind": kind}
-    if kind != "count" or draw(st.integers(0, 9)) == 0:
-        agg["column"] = draw(st.one_of(st.sampled_from(NUMERIC_COLUMNS), st.sampled_from(COLUMNS)))
-    if kind == "quantile" or draw(st.integers(0, 9)) == 0:
-        agg["q"] = draw(st.one_of(st.floats(0, 1, exclude_min=True, exclude_max=True),
-                                  st.sampled_from([1e-300, 1 - 1e-16, 0.5]), _numbers))
-    if kind == "histogram" or draw(st.integers(0, 9)) == 0:
-        agg["bins"] = sorted(set(draw(st.lists(st.one_of(_numbers, st.floats(-10, 6000)),
-                                               min_size=2, max_size=30))))
-    if draw(st.booleans()):
-        agg["alias"] = draw(st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,8}\Z"))
+    agg: dict[str, Any] = {"kind": kind, "alias": f"a{index}"}
+    if _rarely(draw):
+        agg["alias"] = draw(st.one_of(st.just("a0"), st.just("city"), st.text(max_size=3)))
+    elif draw(st.booleans()):
+        del agg["alias"]
+    if (kind != "count") != _rarely(draw):
+        agg["column"] = draw(st.sampled_from(COLUMNS if _rarely(draw) else NUMERIC_COLUMNS))
+    if (kind == "quantile") != _rarely(draw):
+        agg["q"] = draw(_numbers if _rarely(draw) else st.one_of(
+            st.floats(0, 1, exclude_min=True, exclude_max=True),
+            st.sampled_from([1e-300, 1 - 1e-16, 0.5])))
+    if (kind == "histogram") != _rarely(draw):
+        edges = st.floats(-1e6, 1e6) if draw(st.booleans()) else _numbers
+        agg["bins"] = sorted(set(draw(st.lists(edges, min_size=2, max_size=40))))
+        if _rarely(draw):
+            agg["bins"].reverse()
     return agg
 
 
 @st.composite
 def near_query(draw: st.DrawFn) -> dict[str, Any]:
-    """A query spec that is valid or one step from valid."""
+    """A query spec that is valid, or one or two steps from valid."""
     spec: dict[str, Any] = {
-        "dataset": draw(st.sampled_from(DATASETS)),
-        "aggregates": draw(st.lists(_aggregate(), min_size=1, max_size=4)),
+        "dataset": "scratch" if _rarely(draw) else "enterprises",
+        "aggregates": [draw(_aggregate(i)) for i in range(draw(st.integers(1, 4)))],
     }
     if draw(st.booleans()):
-        spec["filters"] = draw(st.lists(st.fixed_dictionaries({
-            "column": st.sampled_from(COLUMNS),
-            "op": st.sampled_from(["==", "!=", "<", "<=", ">", ">=", "in", "not_in"]),
-            "value": st.one_of(_scalar, st.lists(_scalar, min_size=1, max_size=5)),
-        }), max_size=3))
+        filters = []
+        for _ in range(draw(st.integers(1, 3))):
+            column = draw(st.sampled_from(COLUMNS if _rarely(draw) else CATEGORY_COLUMNS))
+            op = draw(st.sampled_from(["==", "!=", "<", "<=", ">", ">=", "in", "not_in"]))
+            one = _scalar if _rarely(draw) else (
+                st.sampled_from(CATEGORIES) if column in CATEGORY_COLUMNS else _numbers)
+            listed = op in ("in", "not_in")
+            if _rarely(draw):
+                listed = not listed
+            value = draw(st.lists(one, min_size=1, max_size=5)) if listed else draw(one)
+            filters.append({"column": column, "op": op, "value": value})
+        spec["filters"] = filters
     if draw(st.booleans()):
-        spec["group_by"] = draw(st.lists(st.sampled_from(COLUMNS), max_size=3, unique=True))
-    keys = draw(st.sampled_from(["public", "public", "dp"]))
-    if keys == "dp":
-        spec["keys"] = "dp"
-        spec["delta"] = draw(st.one_of(st.sampled_from([1e-9, 1e-7, 1e-6]), _numbers))
-    cost = draw(st.sampled_from(["epsilon", "epsilon", "rho", "none"]))
-    if cost != "none":
-        spec[cost] = draw(_cost)
+        spec["group_by"] = draw(st.lists(st.sampled_from(COLUMNS if _rarely(draw)
+                                                         else CATEGORY_COLUMNS),
+                                         min_size=1, max_size=2, unique=True))
+        if _rarely(draw) or draw(st.integers(0, 3)) == 0:
+            spec["keys"] = "dp"
+            spec["delta"] = draw(_numbers if _rarely(draw) else
+                                 st.sampled_from([1e-9, 1e-7, 1e-6]))
+    cost = "rho" if _rarely(draw) else "epsilon"
+    if not _rarely(draw):
+        spec[cost] = draw(_numbers if _rarely(draw) else _small_epsilon)
     return spec
 
 
-_SQL_AGGS = ("COUNT(*)", "SUM({n})", "AVG({n})", "MEDIAN({n})", "COUNT({c})",
+_SQL_AGGS = ("COUNT(*)", "SUM({n})", "AVG({n})", "MEDIAN({n})",
              "PERCENTILE_CONT({q}) WITHIN GROUP (ORDER BY {n})", "QUANTILE({n}, {q})",
-             "APPROX_QUANTILE({n}, {q})", "MAX({n})", "SUM({n} + 1)")
-_SQL_CONDS = ("{c} = {v}", "{c} <> {v}", "{v} < {n}", "{n} >= {v}", "{c} IN ({v}, {v})",
-              "{c} NOT IN ({v})", "{n} BETWEEN {v} AND {v}", "{c} IS NULL", "{c} LIKE {v}",
-              "({c} = {v} AND {n} > {v})", "{c} = {v} OR {c} = {v}", "{n} = {n}")
-_SQL_LITERALS = ("'Nanjing'", "'manufacturing'", "'it''s'", "1", "-1", "1.5", "1e999",
-                 "99999999999999999999999", "TRUE", "NULL", "''", "'\u00e9\u4e2d'", "-0.0")
+             "APPROX_QUANTILE({n}, {q})")
+_SQL_AGGS_REFUSED = ("COUNT({c})", "MAX({n})", "SUM({n} + 1)", "COUNT(DISTINCT {c})",
+                     "SUM({v})", "AVG(*)", "QUANTILE({n})")
+_SQL_CONDS = ("{k} = {v}", "{k} <> {v}", "{v} != {k}", "{k} IN ({v}, {v})", "{k} NOT IN ({v})",
+              "({k} = {v} AND {k} != {v})")
+_SQL_CONDS_REFUSED = ("{n} BETWEEN {x} AND {x}", "{x} < {n}", "{c} IS NULL", "{c} LIKE {v}",
+                      "{c} = {v} OR {c} = {v}", "{n} = {n}", "NOT {c} = {v}", "{c} = {x}")
+_SQL_CATEGORY_LITERALS = ("'Nanjing'", "'Suzhou'", "'manufacturing'", "'it''s'", "''",
+                          "'\u00e9\u4e2d'")
+_SQL_LITERALS = ("1", "-1", "1.5", "1e999", "99999999999999999999999", "TRUE", "NULL",
+                 "-0.0", "0x10", "'1'")
 
 
 @st.composite
 def near_sql(draw: st.DrawFn) -> str:
-    """DP-SQL built from the supported grammar plus a few refused forms, sometimes cut."""
+    """DP-SQL from the supported grammar, one or two steps from valid, sometimes cut."""
     def fill(template: str) -> str:
         return template.format(c=draw(st.sampled_from(COLUMNS)),
+                               k=draw(st.sampled_from(CATEGORY_COLUMNS)),
                                n=draw(st.sampled_from(NUMERIC_COLUMNS)),
-                               q=draw(st.sampled_from(["0.5", "0", "1", "-1", "1e-300", "2"])),
-                               v=draw(st.sampled_from(_SQL_LITERALS)))
-    group = draw(st.lists(st.sampled_from(CATEGORY_COLUMNS + ("employees",)), max_size=2,
-                          unique=True))
-    items = [*group, *(fill(a) + draw(st.sampled_from(["", " AS x", " AS \"Y\""]))
-                       for a in draw(st.lists(st.sampled_from(_SQL_AGGS), min_size=1,
-                                              max_size=3)))]
-    sql = f"SELECT {', '.join(items)} FROM {draw(st.sampled_from(DATASETS + ('x.y',)))}"
-    conditions = [fill(c) for c in draw(st.lists(st.sampled_from(_SQL_CONDS), max_size=3))]
+                               q=draw(st.sampled_from(["0.5", "0.9", "0", "1", "-1", "1e-300"])),
+                               v=draw(st.sampled_from(_SQL_CATEGORY_LITERALS)),
+                               x=draw(st.sampled_from(_SQL_LITERALS)))
+    group = draw(st.lists(st.sampled_from(CATEGORY_COLUMNS), max_size=2, unique=True))
+    if _rarely(draw):
+        group.append(draw(st.sampled_from(COLUMNS)))
+    aggs = [draw(st.sampled_from(_SQL_AGGS_REFUSED if _rarely(draw) else _SQL_AGGS))
+            for _ in range(draw(st.integers(1, 3)))]
+    items = [*group, *(fill(a) + f" AS a{i}" for i, a in enumerate(aggs))]
+    table = draw(st.sampled_from(("x.y", "scratch", "(SELECT 1)"))) if _rarely(draw) \
+        else "enterprises"
+    sql = f"SELECT {', '.join(items)} FROM {table}"
+    conditions = [fill(draw(st.sampled_from(_SQL_CONDS_REFUSED if _rarely(draw)
+                                            else _SQL_CONDS)))
+                  for _ in range(draw(st.integers(0, 3)))]
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
     if group:
         sql += " GROUP BY " + ", ".join(group)
-    sql += draw(st.sampled_from(["", ";", "; SELECT 1", " LIMIT 5", " ORDER BY 1", " --"]))
-    if draw(st.integers(0, 4)) == 0:   # cut at a random point
+    if _rarely(draw):
+        sql += draw(st.sampled_from(["; SELECT 1", " LIMIT 5", " ORDER BY 1", " --", ";;",
+                                     " HAVING COUNT(*) > 1", " UNION SELECT 1"]))
+    elif draw(st.booleans()):
+        sql += ";"
+    if _rarely(draw):   # cut at a random point
         sql = sql[:draw(st.integers(1, len(sql)))]
     return sql
 
@@ -166,11 +203,12 @@ def near_job(draw: st.DrawFn) -> dict[str, Any]:
         return {"kind": "query", "query": draw(near_query())}
     if shape == "sql":
         sql: dict[str, Any] = {"text": draw(near_sql())}
-        cost = draw(st.sampled_from(["epsilon", "rho", "none"]))
-        if cost != "none":
-            sql[cost] = draw(_cost)
-        if draw(st.integers(0, 3)) == 0:
-            sql["keys"], sql["delta"] = "dp", draw(st.sampled_from([1e-7, 1e-6, 1.0]))
+        if not _rarely(draw):
+            sql["rho" if _rarely(draw) else "epsilon"] = draw(_numbers if _rarely(draw)
+                                                              else _small_epsilon)
+        if _rarely(draw) or ("GROUP BY" in sql["text"] and draw(st.integers(0, 3)) == 1):
+            sql["keys"] = "dp"
+            sql["delta"] = draw(_numbers if _rarely(draw) else st.sampled_from([1e-7, 1e-6]))
         return {"kind": "query", "sql": sql}
     return {"kind": "script", "script": {
         "dataset": draw(st.sampled_from(DATASETS)),
@@ -206,7 +244,7 @@ _yaml_values = st.one_of(_scalar, st.none(), st.lists(_scalar, max_size=3),
 def near_policy(draw: st.DrawFn) -> str:
     """The demo policy with a few fields changed, added or dropped, as YAML."""
     doc = copy.deepcopy(_POLICY)
-    doc.update({k: v for k, v in _POLICY_EXTRAS.items() if draw(st.integers(0, 4)) == 0})
+    doc.update({k: v for k, v in _POLICY_EXTRAS.items() if draw(st.integers(0, 4)) == 3})
     for _ in range(draw(st.integers(0, 3))):
         path = draw(st.sampled_from(_POLICY_LEAVES))
         parent = doc
@@ -219,11 +257,11 @@ def near_policy(draw: st.DrawFn) -> str:
                 parent[path[-1]] = draw(_yaml_values)
         except (KeyError, IndexError, TypeError):
             continue
-    if draw(st.integers(0, 5)) == 0:
-        doc["dataset"] = draw(st.sampled_from(DATASETS))
+    if _rarely(draw):
+        doc["dataset"] = "scratch"
     text = yaml.safe_dump(doc, allow_unicode=True)
-    if draw(st.integers(0, 9)) == 0:   # cut at a random point
-        text = text[:draw(st.integers(1, len(text)))] or "x"
+    if _rarely(draw):   # cut at a random point
+        text = text[:draw(st.integers(1, len(text)))]
     return text
 
 
@@ -234,7 +272,8 @@ NEAR_BODIES: dict[tuple[str, str], Callable[[], st.SearchStrategy[Any]]] = {
         near_query(), st.builds(lambda qs: {"queries": qs},
                                 st.lists(near_query(), min_size=1, max_size=3))),
     ("POST", "/v1/queries/compile"): lambda: st.builds(
-        lambda text, eps: {"text": text, "epsilon": eps}, near_sql(), _cost),
+        lambda text, eps: {"text": text, "epsilon": eps}, near_sql(),
+        st.one_of(_small_epsilon, _small_epsilon, _small_epsilon, _numbers)),
     ("POST", "/v1/datasets/{name}/policies"): lambda: st.builds(
         lambda text: {"yaml": text}, near_policy()),
 }

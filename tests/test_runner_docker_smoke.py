@@ -226,14 +226,16 @@ def test_contract_is_idempotent_and_leaves_nothing(executor: Any) -> None:
     request = SandboxRequest(f"smoke{os.getpid():x}idem", "import time\ntime.sleep(60)\n",
                              LIMITS)
     prepared = executor.prepare(request)
-    assert executor.prepare(request).workdir == prepared.workdir
-    running = executor.start(prepared)
-    assert executor.start(prepared) is running
-    executor.kill(running)
-    executor.kill(running, "time limit")
-    outcome = executor.wait(running, 10)
-    assert outcome.reason == "killed", outcome
-    executor.cleanup(prepared)
+    try:
+        assert executor.prepare(request).workdir == prepared.workdir
+        running = executor.start(prepared)
+        assert executor.start(prepared) is running
+        executor.kill(running)
+        executor.kill(running, "time limit")
+        outcome = executor.wait(running, 10)
+        assert outcome.reason == "killed", outcome
+    finally:
+        executor.cleanup(prepared)
     executor.cleanup(prepared)
     assert not prepared.workdir.exists()
     with pytest.raises(docker.errors.NotFound):

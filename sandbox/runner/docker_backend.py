@@ -5,11 +5,13 @@ libraries, nothing else; built offline by ``scripts/docker-setup.sh``) with no n
 (``network_mode=none``), a read-only root, every capability dropped, no-new-privileges,
 uid/gid 65534, a private IPC namespace without ``/dev/shm``, pids/memory (no swap)/CPU
 limits, rlimits for CPU seconds, file size and open files, a size-capped ``/tmp`` tmpfs,
-an environment of PATH/HOME/MPLCONFIGDIR/LANG only, no log driver (the daemon keeps no
-copy of what the script says), and optionally the gVisor runtime (``runtime="runsc"``).
-The script is bind-mounted read-only at ``/job/script.py`` (the engine must be local:
-it reads the job directory), and the interpreter starts the bootstrap exactly as the
-bubblewrap backend does (``python3 -I -S -c BOOT /job/script.py``).
+an environment of PATH/HOME/MPLCONFIGDIR/LANG only (and Docker's HOSTNAME=sandbox), no
+log driver (the daemon keeps no copy of what the script says), and optionally the gVisor
+runtime (``runtime="runsc"``). The script is bind-mounted read-only at
+``/job/script.py`` (the engine must be local: it reads the job directory). The command
+is ``python3 -I -S -c CODE /job/script.py`` where CODE installs the bubblewrap backend's
+seccomp filter on top of the engine's profile and then runs the same bootstrap as
+bubblewrap (``BOOT``); see ``boot_command``.
 
 The broker channel is the container's stdin/stdout over one attach connection, opened
 before the container starts so nothing is lost. Docker multiplexes stdout and stderr on
@@ -77,11 +79,12 @@ def boot_command() -> list[str]:
         "    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]\n"
         "_f = _F(len(_p) // 8, ctypes.addressof(_b))\n"
         "_libc = ctypes.CDLL(None, use_errno=True)\n"
-        "if _libc.prctl(22, 2, ctypes.byref(_f), 0, 0) != 0:\n"  # PR_SET_SECCOMP, FILTER
+        "_u = ctypes.c_ulong\n"  # PR_SET_SECCOMP (22), SECCOMP_MODE_FILTER (2)
+        "if _libc.prctl(22, _u(2), ctypes.byref(_f), _u(0), _u(0)) != 0:\n"
         "    sys.stderr.write('sandbox: seccomp filter refused (errno %d)\\n'"
         " % ctypes.get_errno())\n"
         "    sys.exit(126)\n"
-        "del _p, _b, _F, _f, _libc\n"
+        "del _p, _b, _F, _f, _libc, _u\n"
         + BOOT
     )
     return ["python3", "-I", "-S", "-c", code, "/job/script.py"]
