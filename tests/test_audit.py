@@ -62,3 +62,23 @@ def test_truncation_of_the_tail_changes_the_head(home: Home) -> None:
     with home.runtime.db.transaction() as session:
         cut = verify(session)
     assert cut.ok and cut.head != full.head  # detected against an exported head
+
+
+def test_cli_detects_truncation_against_an_exported_head(home: Home) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    _fill(home, 6)
+    env = {**os.environ, "SANDBOX_HOME": str(home.settings.home)}
+    cli = [sys.executable, "-m", "sandbox.cli.main", "audit"]
+    head = json.loads(subprocess.run([*cli, "head"], env=env, capture_output=True, text=True,
+                                     check=True).stdout)
+    anchor = ["--expect-head", head["head"], "--expect-events", str(head["events"])]
+    assert subprocess.run([*cli, "verify", *anchor], env=env).returncode == 0
+    _fill(home, 2)  # growth after the export is fine
+    assert subprocess.run([*cli, "verify", *anchor], env=env).returncode == 0
+    with home.runtime.db.transaction() as session:
+        session.execute(delete(AuditEvent).where(AuditEvent.seq > head["events"] - 2))
+    cut = subprocess.run([*cli, "verify", *anchor], env=env, capture_output=True, text=True)
+    assert cut.returncode == 1 and "truncated" in cut.stdout

@@ -78,10 +78,15 @@ class AuditVerification:
     reason: str = ""
 
 
-def verify(session: Session) -> AuditVerification:
-    """Walk the chain from the start; report the first entry that does not fit."""
+def verify(session: Session, *, upto: int | None = None) -> AuditVerification:
+    """Walk the chain from the start (to entry ``upto`` if given); report the first entry
+    that does not fit. With ``upto``, ``head`` is the hash of that entry, to compare with
+    a head exported earlier (which detects truncation and rewriting of the tail)."""
     expected_prev, expected_seq, count = GENESIS, 1, 0
-    for event in session.scalars(select(AuditEvent).order_by(AuditEvent.seq)):
+    query = select(AuditEvent).order_by(AuditEvent.seq)
+    if upto is not None:
+        query = query.where(AuditEvent.seq <= upto)
+    for event in session.scalars(query):
         count += 1
         if event.seq != expected_seq:
             return AuditVerification(False, count, expected_prev, expected_seq,

@@ -86,7 +86,7 @@ def run_mock(executor: Executor, *, job_id: str, source: str, dataset: str,
 
         def answer(seq: int, raw: dict[str, Any]) -> dict[str, Any]:
             spec = _spec(raw, dataset, schema, doc)
-            plan = engine.plan(spec, schema)
+            plan = engine.plan(spec, schema, min_group_size=doc.queries.min_group_size)
             session = open_session(handle, unit=plan.unit, approximate=spec.delta is not None,
                                    d_in=schema.privacy_unit.max_rows_per_unit, left=1e6,
                                    delta_left=1e-3)

@@ -164,6 +164,9 @@ def _submit_script(session: Session, principal: Principal, request: JobRequest, 
     assert script is not None
     screen(script.source)
     dataset, policy, doc, version = governing(session, principal, script.dataset, today)
+    if doc.mode == "sdc":
+        raise Invalid("this dataset's policy uses disclosure control: submit query jobs, "
+                      "not scripts")
     job = Job(dataset_id=dataset.id, dataset_version=version.version, org_id=principal.org_id,
               submitted_by=principal.user_id, policy_id=policy.id, kind="script",
               spec={"dataset": dataset.name, "source": script.source, "mode": script.mode},

@@ -24,7 +24,7 @@ SIGNIFICANT_DIGITS = 6
 MAX_OUTPUT_BYTES = 2 * 1024 * 1024
 MAX_TEXT_CHARS = 200_000
 ROW_FRACTION = 0.05
-_ID_NAME = re.compile(r"(^|_)(id|uuid|identifier|ssn|phone|email|name)$", re.IGNORECASE)
+_ID_NAME = re.compile(r"(^|_)(id|uuid|identifier|ssn|phone|email)$", re.IGNORECASE)
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 

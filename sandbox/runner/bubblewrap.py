@@ -12,7 +12,6 @@ Nothing of the host's data directory, keys, database or sockets is mounted.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import shlex
@@ -21,7 +20,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from sandbox.runner import limits as cg
@@ -62,10 +60,15 @@ class BubblewrapExecutor(Executor):
         if not shutil.which(self.bwrap):
             raise IsolationUnavailable("bubblewrap is not installed (apt-get install "
                                        "bubblewrap); script jobs are refused")
-        probe = subprocess.run(
-            [self.bwrap, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink",
-             "usr/lib64", "/lib64", "--symlink", "usr/lib", "/lib", "--", "/usr/bin/true"],
-            capture_output=True, preexec_fn=self._drop(65534, None), timeout=30)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] \
+            if os.geteuid() == 0 else []
+        try:
+            probe = subprocess.run(
+                [*drop, self.bwrap, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink",
+                 "usr/lib64", "/lib64", "--symlink", "usr/lib", "/lib", "--", "/usr/bin/true"],
+                capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise IsolationUnavailable(f"bubblewrap could not be started: {exc}") from None
         if probe.returncode != 0:
             raise IsolationUnavailable("bubblewrap cannot create namespaces here: "
                                        f"{probe.stderr.decode(errors='replace')[:200]}")
@@ -80,21 +83,6 @@ class BubblewrapExecutor(Executor):
         script.write_text(request.script)
         os.chmod(script, 0o644)
         return Prepared(request, workdir, {"site": site})
-
-    def _drop(self, uid: int, cgroup: cg.Cgroup | None,
-              request: SandboxRequest | None = None) -> Callable[[], None]:
-        def child() -> None:
-            if cgroup is not None:
-                cgroup.join(os.getpid())
-                assert request is not None
-                cg.apply_rlimits(request.limits, cgroup)
-            os.setsid()
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        return child
 
     def _argv(self, prepared: Prepared, seccomp_fd: int) -> list[str]:
         scratch = str(prepared.request.limits.scratch_bytes)
@@ -127,8 +115,11 @@ class BubblewrapExecutor(Executor):
         if cgroup.mode == "rlimits":
             steps.append(f"ulimit -v {limits.memory_bytes // 1024} -u {limits.processes}")
         bwrap = " ".join(shlex.quote(a) for a in self._argv(prepared, seccomp_fd))
-        steps.append(f"exec setpriv --reuid={uid} --regid={uid} --clear-groups "
-                     f"--pdeathsig KILL -- {bwrap}")
+        if os.geteuid() == 0:  # root: drop to the job's own uid
+            steps.append(f"exec setpriv --reuid={uid} --regid={uid} --clear-groups "
+                         f"--pdeathsig KILL -- {bwrap}")
+        else:  # already unprivileged: keep the parent-death signal
+            steps.append(f"exec setpriv --pdeathsig KILL -- {bwrap}")
         return ["/bin/bash", "-c", " && ".join(steps)]
 
     def start(self, prepared: Prepared) -> Running:

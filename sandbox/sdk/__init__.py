@@ -14,12 +14,15 @@ it over the broker channel; the answer is a released table (noisy values with in
 
 from typing import Any
 
-__all__ = ["Query", "Released", "count", "datasets", "emit", "histogram", "mean", "median",
-           "quantile", "sum"]
+__all__ = ["BrokerError", "Query", "Released", "count", "datasets", "emit", "histogram",
+           "mean", "median", "quantile", "sum"]
 
 
 def __getattr__(name: str) -> Any:
     """The builder is imported on first use, so the sandbox bootstrap starts fast."""
+    if name == "BrokerError":
+        from sandbox.sdk.channel import BrokerError
+        return BrokerError
     if name in __all__:
         from sandbox.sdk import builder
         return getattr(builder, name)

@@ -1,6 +1,6 @@
 """The SDK's end of the broker channel (inside the sandbox).
 
-The bootstrap (``sandbox.runner.bootstrap``) calls ``connect`` with the process's
+The bootstrap (``sandbox.sdk.bootstrap``) calls ``connect`` with the process's
 original stdin/stdout before the analyst's script runs; prints are captured and sent as
 ``log`` messages, so the channel carries only frames.
 """

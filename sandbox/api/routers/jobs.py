@@ -15,7 +15,8 @@ from sandbox.review.service import released_content
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=201, summary="Submit a query job (analyst)")
+@router.post("", status_code=201, summary="Submit a job: a query spec, DP-SQL or a script "
+             "(analyst)")
 def submit_job(body: service.JobRequest, runtime: RuntimeDep, principal: PrincipalDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None
                ) -> dict[str, Any]:

@@ -44,7 +44,8 @@ def estimate(body: QuerySpec | EstimateRequest, runtime: RuntimeDep,
                                 "note": "exact aggregates under disclosure control; "
                                         "always reviewed"})
                 continue
-            estimate = engine.estimate(engine.plan(spec, schema))
+            estimate = engine.estimate(engine.plan(
+                spec, schema, min_group_size=doc.queries.min_group_size))
             estimate["charged_as"] = Cost.of(epsilon=spec.epsilon, rho=spec.rho,
                                              delta=spec.delta).in_unit(doc.budget.unit).amount
             estimate["budget_unit"] = doc.budget.unit
