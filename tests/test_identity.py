@@ -50,3 +50,16 @@ def test_key_file_and_tokens_file_are_private(home: Home) -> None:
     assert len(keys) == 1 and keys[0].stat().st_mode & 0o777 == 0o600
     assert home.settings.keys_dir.stat().st_mode & 0o777 == 0o700
     assert (home.settings.home / "tokens.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_cli_revokes_tokens(api: Api) -> None:
+    import os
+    import subprocess
+    import sys
+    client = api.as_("analyst")
+    assert client.get("/v1/datasets").status_code == 200
+    env = {**os.environ, "SANDBOX_HOME": str(api.home.settings.home)}
+    done = subprocess.run([sys.executable, "-m", "sandbox.cli.main", "user", "revoke",
+                           "analyst-wang"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "revoked 1 token" in done.stdout
+    assert client.get("/v1/datasets").status_code == 401

@@ -408,6 +408,36 @@ def user_token(name: str, days: Annotated[int, typer.Option(min=1, max=3650)] = 
     typer.echo(token)
 
 
+@user_app.command("revoke")
+def user_revoke(name: str, disable: Annotated[bool, typer.Option(
+        help="also disable the user (every token then fails at once)")] = False) -> None:
+    """Admin, on the server: revoke every token of NAME (401 from the next request)."""
+    from sqlalchemy import select
+
+    from sandbox.audit import record
+    from sandbox.db.models import ApiToken, User, utcnow
+    from sandbox.errors import NotFound
+    from sandbox.runtime import Runtime
+    runtime = Runtime.open(_settings())
+    try:
+        with runtime.db.transaction() as session:
+            user = session.scalar(select(User).where(User.name == name))
+            if user is None:
+                raise NotFound(f"user {name!r} not found")
+            tokens = list(session.scalars(select(ApiToken).where(
+                ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))))
+            for token in tokens:
+                token.revoked_at = utcnow()
+            count = len(tokens)
+            if disable:
+                user.disabled_at = utcnow()
+            record(session, actor_id=None, action="user.tokens_revoked", object_type="user",
+                   object_id=user.id, detail={"tokens": count, "disabled": disable})
+    finally:
+        runtime.close()
+    console.print(f"revoked {count} token(s) of {name}" + ("; user disabled" if disable else ""))
+
+
 def main() -> None:
     """Entry point: domain errors become one clean line and exit code 1."""
     from sandbox.datasets.keys import KeyUnavailable

@@ -62,17 +62,24 @@ def run_real(executor: Executor, *, job_id: str, source: str, dataset: str,
                            d_in=schema.privacy_unit.max_rows_per_unit, left=left[0],
                            delta_left=left[1])
 
+    answered: list[dict[str, Any]] = []
+
     def answer(seq: int, raw: dict[str, Any]) -> dict[str, Any]:
         spec = _spec(raw, dataset, schema, doc)
         if doc.mode == "sdc":
             raise Invalid("this dataset's policy uses disclosure control: submit query jobs")
         plan = engine.plan(spec, schema, min_group_size=doc.queries.min_group_size)
         charge(seq, plan.cost)
-        return engine.execute(plan, session, handle, approximate=approximate,
-                              budget_unit=doc.budget.unit)
+        table = engine.execute(plan, session, handle, approximate=approximate,
+                               budget_unit=doc.budget.unit)
+        answered.append({"seq": seq, "query": spec.model_dump(mode="json"),
+                         "release": table})  # for the reviewer: every query, cost, intervals
+        return table
 
-    return run_script(executor, SandboxRequest(job_id, source, limits_of(doc)), answer,
-                      quantum_ms=doc.timing_quantum_ms)
+    outcome = run_script(executor, SandboxRequest(job_id, source, limits_of(doc)), answer,
+                         quantum_ms=doc.timing_quantum_ms)
+    outcome.answered = answered
+    return outcome
 
 
 def run_mock(executor: Executor, *, job_id: str, source: str, dataset: str,
@@ -101,7 +108,7 @@ def run_mock(executor: Executor, *, job_id: str, source: str, dataset: str,
 
 def content_of(outcome: ScriptOutcome, mode: str) -> dict[str, Any]:
     return {"kind": "script", "mode": mode, "outputs": outcome.outputs, "logs": outcome.logs,
-            "queries": outcome.queries, "exit": outcome.reason,
+            "queries": outcome.queries, "answered": outcome.answered, "exit": outcome.reason,
             "crash_output": (outcome.exit.stderr[-4000:] if outcome.exit else "")}
 
 

@@ -35,6 +35,7 @@ class ScriptOutcome:
     queries: int = 0
     exit: Exit | None = None
     problem: str | None = None  # why the broker stopped the script, if it did
+    answered: list[dict[str, Any]] = field(default_factory=list)  # filled by the caller
 
     @property
     def reason(self) -> str:
