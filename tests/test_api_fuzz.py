@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
@@ -710,14 +711,26 @@ _UPLOAD_CASE_NAMES = list(_upload_cases(b"name: x\n", b"").keys())
 def test_upload_malformed(upload_world: tuple[Api, bytes, bytes], name: str) -> None:
     api, schema_text, data = upload_world
     headers, body = _upload_cases(schema_text, data)[name]
+    tmpfs = api.home.settings.tmpfs_dir
+    before = set(tmpfs.glob("sbx-upload-*"))
+    error: Exception | None = None
     try:
         response = api.as_("owner").post("/v1/datasets", content=body, headers=headers)
     except Exception as exc:
-        tail = "".join(traceback.format_exception(exc)[-8:])
+        error = exc
+    # Upload parts are plaintext: nothing may stay on tmpfs. Remove what leaked (so later
+    # tests that look at tmpfs are not blamed), then fail on it.
+    leaked = sorted(str(d) for d in set(tmpfs.glob("sbx-upload-*")) - before)
+    for directory in leaked:
+        shutil.rmtree(directory, ignore_errors=True)
+    if error is not None:
+        tail = "".join(traceback.format_exception(error)[-8:])
         raise AssertionError(f"unhandled exception: role=owner POST /v1/datasets "
-                             f"case={name!r} headers={headers!r}\n{tail}") from exc
+                             f"case={name!r} headers={headers!r} leaked={leaked}\n{tail}"
+                             ) from error
     assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
     assert response.json().get("detail"), response.text
+    assert not leaked, f"upload temp directories left on tmpfs: {leaked}"
 
 
 @pytest.mark.parametrize("role", ["analyst", "reviewer", "admin"])

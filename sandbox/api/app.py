@@ -102,6 +102,21 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse({"detail": "the database is unavailable (locked or out of space); "
                                        "nothing was changed, retry later"}, status_code=503)
 
+    def openapi() -> dict[str, Any]:
+        """Errors are ``{"detail": "<message>"}`` everywhere, 422 included."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["HTTPValidationError"] = {
+                "title": "Error", "type": "object", "required": ["detail"],
+                "properties": {"detail": {"type": "string", "title": "Detail"}}}
+            components.pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

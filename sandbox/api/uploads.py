@@ -43,33 +43,41 @@ async def receive_multipart(request: Request, *, tmp_root: Path,
     upload = Upload()
 
     def on_field(f: Any) -> None:
-        name = (f.field_name or b"").decode()
+        name = (f.field_name or b"").decode(errors="replace")
         value = f.value or b""
         if len(value) > MAX_FIELD_BYTES:
             raise HTTPException(413, f"form field {name!r} is too large")
         upload.fields[name] = value
 
     def on_file(f: Any) -> None:
-        name = (f.field_name or b"").decode()
+        name = (f.field_name or b"").decode(errors="replace")
         f.file_object.close()
         upload.files[name] = Path(f.actual_file_name.decode())
         upload.filenames[name] = (f.file_name or b"").decode(errors="replace")
 
-    parser = FormParser(
-        "multipart/form-data", on_field, on_file, boundary=params[b"boundary"],
-        config={"UPLOAD_DIR": str(directory), "MAX_MEMORY_FILE_SIZE": 0,
-                "UPLOAD_KEEP_FILENAME": False, "UPLOAD_KEEP_EXTENSIONS": False,
-                "UPLOAD_DELETE_TMP": False,
-                "MAX_BODY_SIZE": max_bytes},
-    )
+    try:
+        parser = FormParser(
+            "multipart/form-data", on_field, on_file, boundary=params[b"boundary"],
+            config={"UPLOAD_DIR": str(directory), "MAX_MEMORY_FILE_SIZE": 0,
+                    "UPLOAD_KEEP_FILENAME": False, "UPLOAD_KEEP_EXTENSIONS": False,
+                    "UPLOAD_DELETE_TMP": False, "MAX_BODY_SIZE": max_bytes})
+    except Exception:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise HTTPException(400, "malformed multipart/form-data body") from None
     try:
         received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes:
-                raise HTTPException(413, f"upload is larger than the cap of {max_bytes} bytes")
-            parser.write(chunk)
-        parser.finalize()
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise HTTPException(413, f"upload is larger than the cap of {max_bytes} "
+                                             "bytes")
+                parser.write(chunk)
+            parser.finalize()
+        except HTTPException:
+            raise
+        except Exception:  # the parser's own errors: a malformed body, never a 500
+            raise HTTPException(400, "malformed multipart/form-data body") from None
         yield upload
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -359,7 +359,13 @@ class DatasetSchema(_Frozen):
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise SchemaError(f"schema is not valid YAML: {exc}") from None
-        return cls.from_dict(data)
+        except (ValueError, OverflowError, RecursionError) as exc:  # dates, huge ints, depth
+            raise SchemaError(f"schema YAML has a value that cannot be read: "
+                              f"{type(exc).__name__}") from None
+        try:
+            return cls.from_dict(data)
+        except RecursionError:
+            raise SchemaError("schema YAML is nested too deeply") from None
 
     @classmethod
     def load(cls, path: str | Path) -> DatasetSchema:

@@ -43,6 +43,15 @@ def screen(source: str, *, allowed_imports: frozenset[str] = ALLOWED_IMPORTS) ->
         tree = ast.parse(source, filename="script.py")
     except SyntaxError as exc:
         raise ScriptRefused(f"line {exc.lineno}: syntax error: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError):
+        raise ScriptRefused("script: nested too deeply to compile") from None
+    try:
+        _walk(tree, source, allowed_imports)
+    except RecursionError:
+        raise ScriptRefused("script: nested too deeply to compile") from None
+
+
+def _walk(tree: ast.AST, source: str, allowed_imports: frozenset[str]) -> None:
     findings: list[str] = []
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")

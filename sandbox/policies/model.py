@@ -162,16 +162,26 @@ class PolicyDocument(_Frozen):
     @classmethod
     def from_yaml(cls, text: str) -> PolicyDocument:
         """Parse and validate; raises ``PolicyError`` naming the bad field."""
+        if len(text) > 200_000:
+            raise PolicyError("policy YAML is larger than 200000 characters")
         try:
+            for event in yaml.parse(text, Loader=yaml.SafeLoader):
+                if isinstance(event, yaml.AliasEvent):
+                    raise PolicyError("policy YAML must not use aliases (*ref)")
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise PolicyError(f"policy is not valid YAML: {exc}") from None
+        except (ValueError, OverflowError, RecursionError) as exc:  # dates, huge ints, depth
+            raise PolicyError(f"policy YAML has a value that cannot be read: "
+                              f"{type(exc).__name__}") from None
         if not isinstance(raw, dict):
             raise PolicyError("policy must be a YAML mapping")
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
             raise PolicyError(format_validation_error(exc, "policy")) from None
+        except RecursionError:
+            raise PolicyError("policy YAML is nested too deeply") from None
 
 
 def format_validation_error(exc: ValidationError, what: str) -> str:

@@ -37,7 +37,7 @@ async def register_dataset(request: Request, runtime: RuntimeDep,
         if "schema" not in upload.fields or "data" not in upload.files:
             raise HTTPException(422, "the form needs a 'schema' field and a 'data' file")
         schema = DatasetSchema.from_yaml(upload.fields["schema"].decode("utf-8", "replace"))
-        fmt = upload.fields.get("format", b"").decode() or \
+        fmt = upload.fields.get("format", b"").decode("utf-8", "replace") or \
             upload.filenames["data"].rsplit(".", 1)[-1].lower()
         if fmt not in _FORMATS:
             raise HTTPException(422, "format: give 'csv' or 'parquet' (or a file name ending "

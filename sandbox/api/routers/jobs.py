@@ -35,7 +35,7 @@ def submit_job(body: service.JobRequest, runtime: RuntimeDep, principal: Princip
                         "(reviewer), all (admin); newest first")
 def list_jobs(runtime: RuntimeDep, principal: PrincipalDep,
               limit: Annotated[int, Query(ge=1, le=500)] = 100,
-              offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+              offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict[str, Any]]:
     with runtime.db.transaction() as session:
         query = service.visible_jobs_query(principal).order_by(Job.created_at.desc())
         rows = session.scalars(query.limit(limit).offset(offset)).all()

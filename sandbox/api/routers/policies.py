@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -17,6 +17,7 @@ from sandbox.errors import NotFound
 from sandbox.policies import service
 
 router = APIRouter(prefix="/v1/datasets/{name}/policies", tags=["policies"])
+MAX_VERSION = 2**31 - 1
 
 
 class PolicyDraft(BaseModel):
@@ -41,7 +42,8 @@ def draft_policy(name: str, body: PolicyDraft, runtime: RuntimeDep,
 
 
 @router.post("/{version}/approve", summary="Approve a draft; it is in force from now (owner)")
-def approve_policy(name: str, version: int, runtime: RuntimeDep,
+def approve_policy(name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
+                   runtime: RuntimeDep,
                    principal: PrincipalDep) -> dict[str, Any]:
     with runtime.db.transaction() as session:
         dataset = catalog.get_dataset(session, name)
@@ -54,7 +56,8 @@ def approve_policy(name: str, version: int, runtime: RuntimeDep,
 
 
 @router.get("/diff", summary="What changed between two policy versions (owner)")
-def diff_policies(name: str, from_version: int, to_version: int, runtime: RuntimeDep,
+def diff_policies(name: str, from_version: Annotated[int, Query(ge=1, le=MAX_VERSION)],
+                  to_version: Annotated[int, Query(ge=1, le=MAX_VERSION)], runtime: RuntimeDep,
                   principal: PrincipalDep) -> dict[str, Any]:
     with runtime.db.transaction() as session:
         dataset = catalog.get_dataset(session, name)
