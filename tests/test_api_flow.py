@@ -59,7 +59,7 @@ def test_released_counts_are_close_to_truth(ready: Api, demo_files) -> None:
     true_counts = dict(truth.iter_rows())
     within = sum(row["count"]["low"] <= true_counts.get(row["city"], 0) <= row["count"]["high"]
                  for row in result["rows"])
-    assert within >= 10  # 95% intervals: 13 cells, all but a rare one or two cover
+    assert within >= 9  # 95% intervals over 13 cells: fewer than 9 has probability ~3e-4
 
 
 def test_query_before_policy_is_refused(api: Api, demo_files) -> None:

@@ -359,6 +359,8 @@ class DatasetSchema(_Frozen):
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise SchemaError(f"schema is not valid YAML: {exc}") from None
+        except SchemaError:
+            raise
         except (ValueError, OverflowError, RecursionError) as exc:  # dates, huge ints, depth
             raise SchemaError(f"schema YAML has a value that cannot be read: "
                               f"{type(exc).__name__}") from None
