@@ -23,6 +23,8 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sandbox.yamltext import too_deep
+
 __all__ = [
     "Classification",
     "ColumnSpec",
@@ -352,6 +354,8 @@ class DatasetSchema(_Frozen):
         """Parse YAML text (safe loader, no aliases, at most 1 MiB); raise :class:`SchemaError`."""
         if len(text.encode("utf-8", "surrogatepass")) > MAX_SCHEMA_YAML_BYTES:
             raise SchemaError(f"schema YAML is larger than {MAX_SCHEMA_YAML_BYTES} bytes")
+        if too_deep(text):
+            raise SchemaError("schema YAML is nested too deeply")
         try:
             for event in yaml.parse(text, Loader=yaml.SafeLoader):
                 if isinstance(event, yaml.AliasEvent):

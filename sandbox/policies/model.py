@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandbox.errors import Invalid
+from sandbox.yamltext import too_deep
 
 
 class PolicyError(Invalid):
@@ -164,6 +165,8 @@ class PolicyDocument(_Frozen):
         """Parse and validate; raises ``PolicyError`` naming the bad field."""
         if len(text) > 200_000:
             raise PolicyError("policy YAML is larger than 200000 characters")
+        if too_deep(text):
+            raise PolicyError("policy YAML is nested too deeply")
         try:
             for event in yaml.parse(text, Loader=yaml.SafeLoader):
                 if isinstance(event, yaml.AliasEvent):
