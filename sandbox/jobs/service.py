@@ -68,7 +68,13 @@ class JobRequest(BaseModel):
     """What an analyst posts to ``/v1/jobs``: a query spec, DP-SQL that compiles to one, or
     a script."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra={"examples": [
+        {"kind": "query", "sql": {"text": "SELECT city, COUNT(*) FROM enterprises "
+                                          "GROUP BY city", "epsilon": 0.3}},
+        {"kind": "script", "script": {"dataset": "enterprises", "mode": "mock", "source":
+                                      "from sandbox.sdk import datasets, count, emit\n"
+                                      "emit('n', datasets['enterprises'].agg(count())"
+                                      ".release(epsilon=0.1))"}}]})
     kind: Literal["query", "script"] = "query"
     query: QuerySpec | None = None
     sql: SqlQuery | None = None

@@ -110,6 +110,14 @@ class QuerySpec(_Frozen):
     """A differentially private (or, under an SDC policy, disclosure-checked) aggregate
     query over one dataset, with its privacy cost stated up front."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra={"examples": [{
+        "dataset": "enterprises",
+        "filters": [{"column": "industry", "op": "==", "value": "manufacturing"}],
+        "group_by": ["city"],
+        "aggregates": [{"kind": "count"}, {"kind": "sum", "column": "annual_revenue"},
+                       {"kind": "median", "column": "founded_year"}],
+        "epsilon": 0.5}]})
+
     version: Literal[1] = 1
     dataset: str = Field(min_length=1, max_length=64)
     filters: tuple[Filter, ...] = Field(default=(), max_length=20)
