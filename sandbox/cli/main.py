@@ -7,17 +7,22 @@ directory; role commands talk to a running server over HTTP with a token
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from sandbox.cli.client import ApiError, SandboxClient
 from sandbox.config import Settings
+
+if TYPE_CHECKING:
+    from sandbox.runtime import Runtime
 
 app = typer.Typer(help="Private data, usable but invisible: a privacy-preserving data sandbox.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -55,6 +60,17 @@ def _main(home: Annotated[Path | None, typer.Option(help="Home directory (SANDBO
 
 def _settings() -> Settings:
     return Settings()
+
+
+@contextlib.contextmanager
+def _runtime() -> Iterator[Runtime]:
+    """The server-side runtime of the home in force, closed afterwards."""
+    from sandbox.runtime import Runtime as RuntimeClass
+    runtime = RuntimeClass.open(_settings())
+    try:
+        yield runtime
+    finally:
+        runtime.close()
 
 
 def _client(url: str, token: str) -> SandboxClient:
@@ -248,12 +264,8 @@ def keys_rotate(retire: Annotated[bool, typer.Option(help="Destroy old master ke
                 = False) -> None:
     """Rewrap every data key under a new master key (no data is re-encrypted)."""
     from sandbox.datasets.lifecycle import rotate_master_key
-    from sandbox.runtime import Runtime
-    runtime = Runtime.open(_settings())
-    try:
+    with _runtime() as runtime:
         rotation = rotate_master_key(runtime.db, runtime.keys, retire_old=retire)
-    finally:
-        runtime.close()
     console.print(f"new master key {rotation.new_key_id}; rewrapped {rotation.rewrapped} data "
                   f"key(s); retired {list(rotation.retired) or 'none'}")
 
@@ -264,9 +276,7 @@ def keys_list() -> None:
     from sqlalchemy import func, select
 
     from sandbox.db.models import DatasetVersion
-    from sandbox.runtime import Runtime
-    runtime = Runtime.open(_settings())
-    try:
+    with _runtime() as runtime:
         with runtime.db.transaction() as session:
             counts = dict(session.execute(
                 select(DatasetVersion.key_id, func.count()).where(
@@ -276,21 +286,14 @@ def keys_list() -> None:
         for key_id in runtime.keys.key_ids():
             mark = " (current)" if key_id == current else ""
             console.print(f"{key_id}{mark}: wraps {counts.get(key_id, 0)} data key(s)")
-    finally:
-        runtime.close()
 
 
 @audit_app.command("head")
 def audit_head() -> None:
     """Print the chain's head (entry count and hash) for anchoring somewhere else."""
     from sandbox.audit import verify
-    from sandbox.runtime import Runtime
-    runtime = Runtime.open(_settings())
-    try:
-        with runtime.db.transaction() as session:
-            result = verify(session)
-    finally:
-        runtime.close()
+    with _runtime() as runtime, runtime.db.transaction() as session:
+        result = verify(session)
     typer.echo(json.dumps({"events": result.events, "head": result.head, "intact": result.ok}))
 
 
@@ -338,18 +341,13 @@ def audit_verify(expect_head: Annotated[str | None, typer.Option(
                  expect_events: Annotated[int | None, typer.Option()] = None) -> None:
     """Check the audit log's hash chain; names the first bad entry."""
     from sandbox.audit import verify
-    from sandbox.runtime import Runtime
     if (expect_head is None) != (expect_events is None):
         console.print("[red]error:[/red] give --expect-head and --expect-events together "
                       "(both printed by 'sandbox audit head')")
         raise typer.Exit(2)
-    runtime = Runtime.open(_settings())
-    try:
-        with runtime.db.transaction() as session:
-            result = verify(session)
-            anchored = verify(session, upto=expect_events) if expect_events else None
-    finally:
-        runtime.close()
+    with _runtime() as runtime, runtime.db.transaction() as session:
+        result = verify(session)
+        anchored = verify(session, upto=expect_events) if expect_events else None
     if result.ok and expect_events is not None and result.events < expect_events:
         console.print(f"[red]audit log truncated:[/red] {result.events} events, the exported "
                       f"head had {expect_events}; entries from {result.events + 1} are gone")
@@ -372,15 +370,10 @@ def user_add(name: str, org: Annotated[str, typer.Option(help="Organisation")],
              create_org: bool = False) -> None:
     """Admin, on the server: create a user (and optionally its organisation)."""
     from sandbox.identity.service import Role, create_organisation, create_user
-    from sandbox.runtime import Runtime
-    runtime = Runtime.open(_settings())
-    try:
-        with runtime.db.transaction() as session:
-            if create_org:
-                create_organisation(session, org, actor_id=None)
-            create_user(session, name, org_name=org, role=Role(role), actor_id=None)
-    finally:
-        runtime.close()
+    with _runtime() as runtime, runtime.db.transaction() as session:
+        if create_org:
+            create_organisation(session, org, actor_id=None)
+        create_user(session, name, org_name=org, role=Role(role), actor_id=None)
     console.print(f"user {name} ({role}) in {org} created; issue a token with "
                   f"'sandbox user token {name}'")
 
@@ -395,16 +388,11 @@ def user_token(name: str, days: Annotated[int, typer.Option(min=1, max=3650)] = 
     from sandbox.db.models import User
     from sandbox.errors import NotFound
     from sandbox.identity.service import issue_token
-    from sandbox.runtime import Runtime
-    runtime = Runtime.open(_settings())
-    try:
-        with runtime.db.transaction() as session:
-            user = session.scalar(select(User).where(User.name == name))
-            if user is None:
-                raise NotFound(f"user {name!r} not found")
-            token = issue_token(session, user, actor_id=None, ttl=timedelta(days=days))
-    finally:
-        runtime.close()
+    with _runtime() as runtime, runtime.db.transaction() as session:
+        user = session.scalar(select(User).where(User.name == name))
+        if user is None:
+            raise NotFound(f"user {name!r} not found")
+        token = issue_token(session, user, actor_id=None, ttl=timedelta(days=days))
     typer.echo(token)
 
 
@@ -417,24 +405,19 @@ def user_revoke(name: str, disable: Annotated[bool, typer.Option(
     from sandbox.audit import record
     from sandbox.db.models import ApiToken, User, utcnow
     from sandbox.errors import NotFound
-    from sandbox.runtime import Runtime
-    runtime = Runtime.open(_settings())
-    try:
-        with runtime.db.transaction() as session:
-            user = session.scalar(select(User).where(User.name == name))
-            if user is None:
-                raise NotFound(f"user {name!r} not found")
-            tokens = list(session.scalars(select(ApiToken).where(
-                ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))))
-            for token in tokens:
-                token.revoked_at = utcnow()
-            count = len(tokens)
-            if disable:
-                user.disabled_at = utcnow()
-            record(session, actor_id=None, action="user.tokens_revoked", object_type="user",
-                   object_id=user.id, detail={"tokens": count, "disabled": disable})
-    finally:
-        runtime.close()
+    with _runtime() as runtime, runtime.db.transaction() as session:
+        user = session.scalar(select(User).where(User.name == name))
+        if user is None:
+            raise NotFound(f"user {name!r} not found")
+        tokens = list(session.scalars(select(ApiToken).where(
+            ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))))
+        for token in tokens:
+            token.revoked_at = utcnow()
+        count = len(tokens)
+        if disable:
+            user.disabled_at = utcnow()
+        record(session, actor_id=None, action="user.tokens_revoked", object_type="user",
+               object_id=user.id, detail={"tokens": count, "disabled": disable})
     console.print(f"revoked {count} token(s) of {name}" + ("; user disabled" if disable else ""))
 
 
