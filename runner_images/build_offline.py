@@ -352,7 +352,7 @@ def verify(image: str) -> str:
 
 
 def build(repository: str, force: bool, keep: int = 2) -> str:
-    from sandbox.runner.bubblewrap import BOOT
+    from sandbox.runner.launcher import BOOT
     from sandbox.runner.runtime import ensure_runtime, runtime_key
 
     key, recipe = runtime_key(), recipe_hash()

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         "and refused when environment is prod")
     runner_root: Path = Field(default=Path("/var/lib/sandbox-runtime"),
                               description="world-readable runtime and per-job script dirs")
+    runner_prestart: bool = Field(
+        default=True, description="bubblewrap: keep one launcher (a shell already in a "
+        "fresh cgroup, dropped to a fresh uid) started ahead for the next job; no sandbox "
+        "is created before its job arrives")
     docker_image: str = "sandbox-runner:latest"
     docker_runtime: str | None = Field(default=None, description="e.g. runsc for gVisor")
     tmpfs_dir: Path = Field(

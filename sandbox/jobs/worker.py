@@ -84,6 +84,8 @@ class Worker:
                     self._stop.wait(self.settings.worker_poll_seconds)
         finally:
             self.cache.clear()
+            if self._runner is not None:
+                self._runner.close()
 
     def run_once(self) -> bool:
         """Claim and process one job; ``False`` if the queue was empty."""

@@ -1,25 +1,26 @@
 """The bubblewrap backend (the default; daemonless).
 
-The worker (root, or any user) forks; the child joins the job's cgroups, sets rlimits,
-drops to a per-job unprivileged uid with no supplementary groups, asks for SIGKILL if
-the worker dies, and execs ``bwrap``, which unshares every namespace (user, pid, net,
-ipc, uts, cgroup), mounts the host's ``/usr`` and the runtime read-only, a size-capped
-tmpfs as ``/tmp``, a fresh ``/proc`` and minimal ``/dev``, clears the environment,
-installs the seccomp filter (``sandbox.runner.seccomp``) and runs Python in isolated mode.
-Nothing of the host's data directory, keys, database or sockets is mounted.
+Each job gets a launcher (``sandbox.runner.launcher``): a shell in a cgroup of its own,
+dropped to an unprivileged uid of its own with no supplementary groups and a SIGKILL if
+the worker dies, which on hand-off sets the job's rlimits and execs ``bwrap``. bwrap
+unshares every namespace (user, pid, net, ipc, uts, cgroup), mounts the host's ``/usr``
+and the runtime read-only, a size-capped tmpfs as ``/tmp``, a fresh ``/proc`` and minimal
+``/dev``, clears the environment, installs the seccomp filter (``sandbox.runner.seccomp``)
+and runs Python in isolated mode. Nothing of the host's data directory, keys, database or
+sockets is mounted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shlex
+import select
 import shutil
 import signal
 import subprocess
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from sandbox.runner import limits as cg
@@ -31,30 +32,42 @@ from sandbox.runner.contract import (
     Running,
     SandboxRequest,
 )
+from sandbox.runner.launcher import Prestart
 from sandbox.runner.runtime import ensure_runtime
-from sandbox.runner.seccomp import program
 
 STDERR_CAP = 64 * 1024
-_PR_SET_PDEATHSIG = 1
-BOOT = ("import sys; sys.path[:0] = ['/opt/sandbox']; "
-        "from sandbox.sdk.bootstrap import main; sys.exit(main())")
 
 
-def _uid_for(job_id: str) -> int:
-    """A per-job unprivileged uid (no passwd entry needed), so per-uid limits and
-    signals never reach another job's processes."""
-    digest = hashlib.sha256(job_id.encode()).digest()
-    return 200_000 + int.from_bytes(digest[:4], "big") % 100_000
+def _exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether the process ends within ``timeout`` s, told by its pidfd becoming readable.
+    (``Popen.wait(timeout)`` polls with sleeps that grow to 50 ms: a third of a sandbox's
+    whole start-to-exit time.)"""
+    if proc.poll() is not None:
+        return True
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:  # already reaped by someone, or no pidfd on this kernel
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 class BubblewrapExecutor(Executor):
     name = "bubblewrap"
 
     def __init__(self, root: Path = Path("/var/lib/sandbox-runtime"),
-                 bwrap: str = "bwrap") -> None:
+                 bwrap: str = "bwrap", prestart: bool = True) -> None:
         self.root = root
         self.bwrap = shutil.which(bwrap) or bwrap
         self.limits_mode = cg.detect()
+        self.prestart = Prestart(self.bwrap, enabled=prestart)
+        weakref.finalize(self, self.prestart.close)
 
     def check_available(self) -> None:
         if not shutil.which(self.bwrap):
@@ -84,57 +97,16 @@ class BubblewrapExecutor(Executor):
         os.chmod(script, 0o644)
         return Prepared(request, workdir, {"site": site})
 
-    def _argv(self, prepared: Prepared, seccomp_fd: int) -> list[str]:
-        scratch = str(prepared.request.limits.scratch_bytes)
-        argv = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session",
-                "--clearenv", "--setenv", "PATH", "/usr/bin", "--setenv", "HOME", "/tmp",
-                "--setenv", "MPLCONFIGDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
-                "--hostname", "sandbox",
-                "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
-                "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
-                "--ro-bind", str(prepared.extra["site"]), "/opt/sandbox",
-                "--ro-bind", str(prepared.workdir / "script.py"), "/job/script.py",
-                "--proc", "/proc", "--dev", "/dev",
-                "--size", scratch, "--tmpfs", "/tmp",
-                "--chdir", "/tmp", "--seccomp", str(seccomp_fd)]
-        if Path("/etc/ld.so.cache").exists():
-            argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-        argv += ["--remount-ro", "/"]  # the root bwrap builds is a tmpfs: make it read-only
-        return [*argv, "--", "/usr/bin/python3", "-I", "-S", "-c", BOOT, "/job/script.py"]
-
-    def _launcher(self, prepared: Prepared, cgroup: cg.Cgroup, seccomp_fd: int) -> list[str]:
-        """bash joins the cgroups and sets the rlimits for itself, then execs setpriv,
-        which drops to the job's uid (no groups, parent-death SIGKILL) and execs bwrap.
-        No Python ``preexec_fn``: forking the large worker process would cost more than
-        the whole sandbox start."""
-        limits = prepared.request.limits
-        uid = _uid_for(prepared.request.job_id)
-        steps = [f"echo $$ > {shlex.quote(str(path / 'cgroup.procs'))}" for path in cgroup.paths]
-        steps.append(f"ulimit -t {limits.cpu_seconds} -c 0 -n 256 "
-                     f"-f {max(1, limits.scratch_bytes // 1024)}")
-        if cgroup.mode == "rlimits":
-            steps.append(f"ulimit -v {limits.memory_bytes // 1024} -u {limits.processes}")
-        bwrap = " ".join(shlex.quote(a) for a in self._argv(prepared, seccomp_fd))
-        if os.geteuid() == 0:  # root: drop to the job's own uid
-            steps.append(f"exec setpriv --reuid={uid} --regid={uid} --clear-groups "
-                         f"--pdeathsig KILL -- {bwrap}")
-        else:  # already unprivileged: keep the parent-death signal
-            steps.append(f"exec setpriv --pdeathsig KILL -- {bwrap}")
-        return ["/bin/bash", "-c", " && ".join(steps)]
-
     def start(self, prepared: Prepared) -> Running:
         request = prepared.request
-        cgroup = cg.create(request.job_id, request.limits)
-        read_fd, write_fd = os.pipe()
-        os.write(write_fd, program())
-        os.close(write_fd)
+        launcher = self.prestart.take(prepared.extra["site"])
+        prepared.extra["cgroup"] = launcher.cgroup  # for cleanup, even without a Running
         try:
-            proc = subprocess.Popen(
-                self._launcher(prepared, cgroup, read_fd), stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(read_fd,),
-                close_fds=True, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
-        finally:
-            os.close(read_fd)
+            launcher.hand_off(request.limits, prepared.workdir / "script.py")
+        except BaseException:
+            launcher.discard()
+            raise
+        proc = launcher.proc
         stderr: list[bytes] = []
 
         def drain() -> None:
@@ -149,16 +121,15 @@ class BubblewrapExecutor(Executor):
         thread.start()
         assert proc.stdin is not None and proc.stdout is not None
         return Running(prepared, proc.stdin, proc.stdout,
-                       {"proc": proc, "cgroup": cgroup, "stderr": stderr, "thread": thread,
+                       {"proc": proc, "cgroup": launcher.cgroup, "stderr": stderr,
+                        "thread": thread, "uid": launcher.uid,
                         "started": time.monotonic()})
 
     def wait(self, running: Running, timeout: float) -> Exit:
         proc: subprocess.Popen[bytes] = running.handle["proc"]
-        try:
-            proc.wait(timeout=max(timeout, 0))
-        except subprocess.TimeoutExpired:
+        if not _exited_within(proc, max(timeout, 0)):
             self.kill(running, "time limit")
-            proc.wait()
+        proc.wait()
         running.handle["thread"].join(timeout=5)
         stderr = b"".join(running.handle["stderr"]).decode(errors="replace")
         cgroup: cg.Cgroup = running.handle["cgroup"]
@@ -192,9 +163,12 @@ class BubblewrapExecutor(Executor):
             proc.kill()
 
     def cleanup(self, prepared: Prepared) -> None:
-        paths = [cg.ROOT / f"{controller}sandbox" / f"sbx-{prepared.request.job_id[:24]}"
-                 for controller in ("", "memory/", "pids/", "cpu/")]
         shutil.rmtree(prepared.workdir, ignore_errors=True)
-        existing = [p for p in paths if p.is_dir()]
-        if existing:  # the kernel may take a moment to release them: not on the job's path
-            threading.Thread(target=cg.Cgroup("cleanup", existing).remove, daemon=True).start()
+        cgroup: cg.Cgroup | None = prepared.extra.pop("cgroup", None)
+        if cgroup is not None and cgroup.paths:
+            # the kernel may take a moment to release it: not on the job's path
+            threading.Thread(target=cgroup.remove, daemon=True).start()
+
+    def close(self) -> None:
+        """Discard the launcher started ahead (see ``sandbox.runner.launcher``)."""
+        self.prestart.close()

@@ -97,3 +97,7 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def cleanup(self, prepared: Prepared) -> None:
         """Remove everything ``prepare``/``start`` created. Idempotent."""
+
+    def close(self) -> None:  # noqa: B027 (optional: most backends keep nothing)
+        """Release what the executor keeps between jobs (bubblewrap: the launcher started
+        ahead). Idempotent; a job run afterwards still works, it only starts cold."""

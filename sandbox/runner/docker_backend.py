@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.runner.bubblewrap import BOOT
 from sandbox.runner.contract import (
     Executor,
     Exit,
@@ -45,6 +44,7 @@ from sandbox.runner.contract import (
     Running,
     SandboxRequest,
 )
+from sandbox.runner.launcher import BOOT
 
 STDERR_CAP = 64 * 1024
 # gVisor's own kernel (the Sentry, a Go program) runs in the container's pids cgroup and

@@ -10,7 +10,7 @@ from sandbox.runner.contract import Executor, IsolationUnavailable
 def make_executor(settings: Settings) -> Executor:
     if settings.runner_backend == "bubblewrap":
         from sandbox.runner.bubblewrap import BubblewrapExecutor
-        return BubblewrapExecutor(settings.runner_root)
+        return BubblewrapExecutor(settings.runner_root, prestart=settings.runner_prestart)
     if settings.runner_backend == "docker":
         from sandbox.runner.docker_backend import DockerExecutor
         return DockerExecutor(image=settings.docker_image, runtime=settings.docker_runtime,

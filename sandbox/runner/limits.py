@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,30 @@ class Cgroup:
     def join(self, pid: int) -> None:
         for path in self.paths:
             (path / "cgroup.procs").write_text(str(pid))
+
+    def apply(self, limits: Limits) -> None:
+        """Write the job's memory, process and CPU limits (allowed while processes run:
+        a launcher is started under defaults and given the job's limits at hand-off)."""
+        if self.mode == "cgroup2":
+            path = self.paths[0]
+            (path / "memory.max").write_text(str(limits.memory_bytes))
+            with contextlib.suppress(OSError):
+                (path / "memory.swap.max").write_text("0")
+            (path / "pids.max").write_text(str(limits.processes))
+            (path / "cpu.max").write_text("100000 100000")
+        elif self.mode == "cgroup1":
+            memory, pids, cpu = self.paths
+            swap = memory / "memory.memsw.limit_in_bytes"  # only with swap accounting
+            # memory <= memory+swap must hold after each write: raise memsw first when
+            # raising, lower it last when lowering
+            with contextlib.suppress(OSError):
+                swap.write_text(str(limits.memory_bytes))
+            (memory / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+            with contextlib.suppress(OSError):
+                swap.write_text(str(limits.memory_bytes))
+            (pids / "pids.max").write_text(str(limits.processes))
+            (cpu / "cpu.cfs_period_us").write_text("100000")
+            (cpu / "cpu.cfs_quota_us").write_text("100000")
 
     def memory_exceeded(self) -> bool:
         """Whether the kernel's OOM killer acted in this cgroup (v2 ``memory.events``,
@@ -82,10 +105,10 @@ def detect() -> str:
     return "rlimits"
 
 
-def create(job_id: str, limits: Limits) -> Cgroup:
-    """A cgroup for one job with the limits written, or the rlimits fallback."""
+def create(name: str, limits: Limits) -> Cgroup:
+    """A cgroup called ``sbx-<name>`` with the limits written, or the rlimits fallback."""
     mode = detect()
-    name = f"sbx-{job_id[:24]}"
+    name = f"sbx-{name[:24]}"
     try:
         if mode == "cgroup2":
             parent = ROOT / "sandbox"
@@ -95,39 +118,20 @@ def create(job_id: str, limits: Limits) -> Cgroup:
                 (parent / "cgroup.subtree_control").write_text("+memory +pids +cpu")
             path = parent / name
             path.mkdir(exist_ok=True)
-            (path / "memory.max").write_text(str(limits.memory_bytes))
-            with contextlib.suppress(OSError):
-                (path / "memory.swap.max").write_text("0")
-            (path / "pids.max").write_text(str(limits.processes))
-            (path / "cpu.max").write_text("100000 100000")
-            return Cgroup("cgroup2", [path])
-        if mode == "cgroup1":
+            cgroup = Cgroup("cgroup2", [path])
+        elif mode == "cgroup1":
             paths = []
             for controller in ("memory", "pids", "cpu"):
                 path = ROOT / controller / "sandbox" / name
                 path.mkdir(parents=True, exist_ok=True)
                 paths.append(path)
-            (paths[0] / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
-            with contextlib.suppress(OSError):
-                (paths[0] / "memory.memsw.limit_in_bytes").write_text(str(limits.memory_bytes))
-            (paths[1] / "pids.max").write_text(str(limits.processes))
-            (paths[2] / "cpu.cfs_period_us").write_text("100000")
-            (paths[2] / "cpu.cfs_quota_us").write_text("100000")
-            return Cgroup("cgroup1", paths)
+            cgroup = Cgroup("cgroup1", paths)
+        else:
+            return Cgroup("rlimits")
+        cgroup.apply(limits)
+        return cgroup
     except OSError:
-        pass
-    return Cgroup("rlimits")
-
-
-def apply_rlimits(limits: Limits, cgroup: Cgroup) -> None:
-    """In the child before exec: limits that hold whatever the cgroup mode."""
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.scratch_bytes, limits.scratch_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-    if cgroup.mode == "rlimits":
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+        return Cgroup("rlimits")
 
 
 def cleanup_stale() -> None:

@@ -9,14 +9,15 @@ exit status and the ``done`` message tell the broker how it ended.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import runpy
 import sys
-import traceback
 
 from sandbox.sdk import channel, protocol
+
+# Only modules Python has already loaded at start-up are imported here (io, os, sys):
+# the start of every sandbox pays for each import, and ``runpy``/``traceback``/``typing``
+# cost more than the namespaces and the interpreter together.
 
 LOG_CAP = 1024 * 1024
 
@@ -48,6 +49,17 @@ class _Log(io.TextIOBase):
             channel.send({"type": "log", "stream": self.stream, "text": chunk})
 
 
+def _run(script: str) -> None:
+    """Run the script as ``__main__`` (what ``runpy.run_path`` does for a plain file)."""
+    with open(script, "rb") as handle:
+        code = compile(handle.read(), script, "exec")
+    module = type(sys)("__main__")
+    module.__file__ = script
+    sys.modules["__main__"] = module
+    sys.argv[:] = [script]
+    exec(code, module.__dict__)
+
+
 def main() -> int:
     script = sys.argv[1]
     reader = os.fdopen(os.dup(0), "rb", buffering=0)
@@ -60,16 +72,20 @@ def main() -> int:
     sys.stderr = _Log("stderr")
     status = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        _run(script)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
+        import traceback
+
         sys.stderr.write(traceback.format_exc())
         status = 1
-    with contextlib.suppress(OSError):
+    try:
         sys.stdout.flush()
         sys.stderr.flush()
         protocol.write(writer, {"type": "done", "status": status})
+    except OSError:
+        pass
     return status
 
 

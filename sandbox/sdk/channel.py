@@ -7,9 +7,11 @@ original stdin/stdout before the analyst's script runs; prints are captured and 
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO
-
 from sandbox.sdk import protocol
+
+TYPE_CHECKING = False  # no ``typing`` at run time: it is most of the sandbox's start cost
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 
 class BrokerError(Exception):
