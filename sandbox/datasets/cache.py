@@ -1,12 +1,17 @@
-"""The worker's byte-capped cache of decrypted datasets, and their per-job RAM files.
+"""The worker's byte-capped cache of decrypted datasets, held in RAM buffers.
 
-Decrypted datasets stay in this process's memory only (an LRU of buffers keyed by
-dataset, version and ciphertext hash, evicted by size and zeroed when dropped). For a
-query, ``materialise`` writes the buffer to a 0600 file in a private 0700 directory on a
-RAM-backed filesystem, because OpenDP's Polars scans a file path lazily (an in-memory
-frame costs it seconds); the file is removed when the job's block ends, so between jobs
-no plaintext exists outside the worker's memory. ``reap_orphans`` removes such
-directories left by a worker that was killed (their name carries its pid).
+Decrypted datasets exist in this process's memory only: each in a
+:class:`~sandbox.datasets.plaintext.PlainBuffer` (an anonymous memfd, no file name),
+which the privacy engine scans in place. :class:`DecryptedCache` keeps them in an LRU
+keyed by dataset, version and ciphertext hash, at most ``max_bytes`` of buffers in all.
+A job holds its dataset through :meth:`DecryptedCache.use`, which pins the buffer so that
+no other job's load can evict it mid-scan.
+
+Evicted buffers are wiped (zeroed) at once and their memory is kept, wiped, for the next
+load that fits in it: touching fresh memory costs page faults (expensive on virtual
+machines), reusing it does not. Kept memory counts towards ``max_bytes`` as well; it is
+released when a load needs the room. ``reap_orphans`` removes per-job plaintext
+directories that older versions of the worker left on tmpfs (their name carries the pid).
 """
 
 from __future__ import annotations
@@ -14,78 +19,190 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from sandbox.datasets import store
+from sandbox.datasets.plaintext import PlainBuffer
 
 _PREFIX = "sbx-plain-"
 
+Key = tuple[str, int, str]
+#: ``allocate(size)``: a wiped buffer of exactly ``size`` bytes, owned by the cache.
+Allocate = Callable[[int], PlainBuffer]
+
+
+@dataclass(eq=False)
+class _Entry:
+    buffer: PlainBuffer
+    pins: int = 0
+    cached: bool = True
+
 
 class DecryptedCache:
-    """LRU of decrypted buffers, at most ``max_bytes`` in total."""
+    """LRU of decrypted datasets in RAM buffers, at most ``max_bytes`` in total.
+
+    Contract: every buffer the cache hands out holds plaintext that ``load`` put there
+    (so authenticated, if ``load`` authenticates); a buffer is wiped before its memory
+    serves another dataset, when it is evicted, when a load fails and on :meth:`clear`.
+    Buffers in use are never evicted; a dataset larger than the room left beside them is
+    still served, for that job only, and wiped when the job releases it.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int, str], bytearray] = OrderedDict()
-        self._size = 0
+        self._items: OrderedDict[Key, _Entry] = OrderedDict()
+        self._spare: list[PlainBuffer] = []  # wiped, kept for reuse
+        self._loose: set[_Entry] = set()  # pinned but no longer (or never) cached
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[str, int, str], load: Callable[[], bytearray]) -> bytearray:
-        """The buffer for ``key``, calling ``load`` (decrypt) on a miss."""
+    @contextlib.contextmanager
+    def use(self, key: Key, load: Callable[[Allocate], PlainBuffer]) -> Iterator[PlainBuffer]:
+        """The buffer for ``key``, pinned for the block; on a miss ``load(allocate)``
+        fills one (decrypts) and returns it. If ``load`` raises, every buffer it
+        allocated is wiped and the exception propagates."""
         with self._lock:
-            if key in self._items:
+            entry = self._items.get(key)
+            if entry is not None:
                 self._items.move_to_end(key)
+                entry.pins += 1
                 self.hits += 1
-                return self._items[key]
-        buffer = load()
-        self.misses += 1
-        with self._lock:
-            if len(buffer) <= self.max_bytes:
-                self._items[key] = buffer
-                self._size += len(buffer)
-                self._evict()
-        return buffer
+        if entry is None:
+            entry = self._load(key, load)
+        try:
+            yield entry.buffer
+        finally:
+            with self._lock:
+                entry.pins -= 1
+                if not entry.cached and entry.pins == 0:
+                    self._loose.discard(entry)
+                    self._retire(entry.buffer)
 
-    def _evict(self) -> None:
-        while self._size > self.max_bytes and self._items:
-            _key, buffer = self._items.popitem(last=False)
-            self._size -= len(buffer)
-            wipe(buffer)
+    def _load(self, key: Key, load: Callable[[Allocate], PlainBuffer]) -> _Entry:
+        given: list[PlainBuffer] = []
+
+        def allocate(size: int) -> PlainBuffer:
+            with self._lock:
+                buffer = self._allocate(size)
+            given.append(buffer)
+            return buffer
+
+        try:
+            buffer = load(allocate)
+            if not any(buffer is b for b in given):
+                raise ValueError("load must return a buffer it allocated")
+        except BaseException:
+            with self._lock:
+                for b in given:
+                    self._retire(b)
+            raise
+        with self._lock:
+            self.misses += 1
+            for b in given:
+                if b is not buffer:
+                    self._retire(b)
+            entry = _Entry(buffer, pins=1)
+            if key not in self._items and self._fits(buffer.size):
+                self._items[key] = entry
+            else:  # too large for the cache, or loaded twice concurrently: this job only
+                entry.cached = False
+                self._loose.add(entry)
+        return entry
+
+    # -- bookkeeping (callers hold the lock) ---------------------------------------------
+
+    def _live_bytes(self) -> int:
+        return (sum(e.buffer.size for e in self._items.values())
+                + sum(e.buffer.size for e in self._loose))
+
+    def _fits(self, size: int) -> bool:
+        return self._live_bytes() + sum(b.size for b in self._spare) + size <= self.max_bytes
+
+    def _allocate(self, size: int) -> PlainBuffer:
+        """A wiped buffer of ``size`` bytes: reused spare memory when some fits, after
+        evicting unpinned datasets (LRU first) to make room; else a new buffer, after
+        releasing spare memory beyond the cap."""
+        while True:
+            fit = [b for b in self._spare if b.size >= size]
+            if fit:
+                buffer = min(fit, key=lambda b: b.size)
+                self._spare.remove(buffer)
+                buffer.shrink(size)
+                return buffer
+            if self._live_bytes() + size <= self.max_bytes or not self._evict_one():
+                break
+        while self._spare and self._live_bytes() + sum(b.size for b in self._spare) \
+                + size > self.max_bytes:
+            self._spare.pop(0).close()
+        return PlainBuffer(size)
+
+    def _evict_one(self) -> bool:
+        for key, entry in self._items.items():
+            if entry.pins == 0:
+                del self._items[key]
+                self._retire(entry.buffer)
+                return True
+        return False
+
+    def _retire(self, buffer: PlainBuffer) -> None:
+        """Wipe a buffer; keep its memory as spare if that fits under the cap."""
+        buffer.wipe()
+        if self._live_bytes() + sum(b.size for b in self._spare) + buffer.size \
+                <= self.max_bytes:
+            self._spare.append(buffer)
+        else:
+            buffer.close()
 
     def clear(self) -> None:
+        """Wipe and release every buffer not in use; buffers in use are wiped and
+        released when their job ends."""
         with self._lock:
-            for buffer in self._items.values():
-                wipe(buffer)
+            for entry in list(self._items.values()):
+                if entry.pins:
+                    entry.cached = False
+                    self._loose.add(entry)
+                else:
+                    entry.buffer.close()
             self._items.clear()
-            self._size = 0
+            for buffer in self._spare:
+                buffer.close()
+            self._spare.clear()
 
     @property
     def size(self) -> int:
-        return self._size
+        """Bytes of decrypted datasets held in the cache."""
+        with self._lock:
+            return sum(e.buffer.size for e in self._items.values())
+
+    @property
+    def held(self) -> int:
+        """Bytes of RAM buffers held: cached, in use, and spare (wiped)."""
+        with self._lock:
+            return self._live_bytes() + sum(b.size for b in self._spare)
 
 
-def wipe(buffer: bytearray) -> None:
-    """Overwrite a plaintext buffer in place before it is released."""
-    if buffer:
-        memoryview(buffer)[:] = bytes(len(buffer))
+def envelope_loader(path: Path, data_key: Callable[[], bytes], *, dataset_id: str,
+                    version: int) -> Callable[[Allocate], PlainBuffer]:
+    """The ``load`` for :meth:`DecryptedCache.use` that the worker runs on a miss: get the
+    data key (``data_key()``, e.g. unwrap it), check the stored file
+    (:func:`store.open_envelope`), take a buffer of the plaintext size and authenticate and
+    decrypt every chunk into it. Raises like :func:`store.decrypt_to_bytes`; on any
+    failure the buffer was zeroed (and the cache wipes it again)."""
 
-
-@contextlib.contextmanager
-def materialise(buffer: bytearray, tmpfs_dir: Path, suffix: str = ".parquet") -> Iterator[Path]:
-    """A 0600 file holding ``buffer`` in a 0700 directory on tmpfs, removed afterwards."""
-    directory = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=tmpfs_dir))
-    path = directory / f"data{suffix}"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer)
-        yield path
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    def load(allocate: Allocate) -> PlainBuffer:
+        key = data_key()
+        with store.open_envelope(path, key, dataset_id=dataset_id,
+                                 version=version) as envelope:
+            plain = allocate(envelope.size)
+            with plain.view() as view:
+                envelope.decrypt_into(view)
+        return plain
+    return load
 
 
 def reap_orphans(tmpfs_dir: Path) -> int:

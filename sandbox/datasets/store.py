@@ -3,8 +3,10 @@
 :func:`write_encrypted_parquet` streams record batches through a Parquet writer whose
 output is sealed chunk by chunk (format 2, see :mod:`sandbox.datasets.envelope`: the
 STREAM online-AE construction over AES-256-GCM, binding dataset id, version, file id,
-chunk index and a final-chunk flag).  :func:`decrypt_to_bytes` authenticates a file
-into one buffer holding the Parquet file; :func:`load_table` reads it into Arrow.
+chunk index and a final-chunk flag).  :func:`open_envelope` checks a stored file and
+:meth:`Envelope.decrypt_into` authenticates it into any writable buffer (the worker's
+RAM buffers, :mod:`sandbox.datasets.plaintext`); :func:`decrypt_to_bytes` does so into a
+new ``bytearray``; :func:`load_table` reads it into Arrow.
 
 Plaintext only ever exists in memory: records are encrypted as the Parquet writer emits
 bytes and appended to a 0600 temporary file in the target directory, which is fsynced
@@ -22,6 +24,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,18 +50,22 @@ from sandbox.datasets.envelope import (
 
 __all__ = [
     "CHUNK_SIZE",
+    "DECRYPT_THREADS",
     "FORMAT_VERSION",
+    "Envelope",
     "IntegrityError",
     "StoredFileInfo",
     "decrypt_to_bytes",
-    "decrypted_file",
     "encrypt_table",
     "load_table",
+    "open_envelope",
     "write_encrypted_parquet",
 ]
 
 #: Rows per Parquet row group (large groups scan fast; memory is about one group).
 ROW_GROUP_ROWS = 1_048_576
+#: Threads that decrypt chunks in parallel (the AEAD releases the GIL).
+DECRYPT_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @dataclass(frozen=True)
-class _Opened:
+class Envelope:
+    """An opened stored file whose header, dataset version and length were checked:
+    ``size`` is the plaintext (Parquet file) length. Nothing is decrypted yet."""
+
     body: memoryview
     aead: AESGCM
     digest: bytes
@@ -230,11 +240,28 @@ class _Opened:
     chunk_size: int
     fail: Fail
 
+    def decrypt_into(self, out: Any) -> None:
+        """Authenticate and decrypt every chunk into ``out``, a writable buffer of exactly
+        ``size`` bytes. Raises :class:`IntegrityError` if any chunk fails; then ``out``
+        has been zeroed, so no unauthenticated or partial plaintext is left in it."""
+        if memoryview(out).nbytes != self.size:
+            raise ValueError(f"output buffer must be {self.size} bytes")
+        try:
+            decrypt_records(self.body, self.aead, self.digest, out, self.count,
+                            self.chunk_size, self.fail, threads=DECRYPT_THREADS)
+        except BaseException:
+            np.frombuffer(out, dtype=np.uint8).fill(0)
+            raise
+
 
 @contextlib.contextmanager
-def _opened(path: Path, data_key: bytes, dataset_id: str,
-            version: int) -> Iterator[_Opened]:
-    """Map a stored file read-only and check its header."""
+def open_envelope(path: Path, data_key: bytes, *, dataset_id: str,
+                  version: int) -> Iterator[Envelope]:
+    """Map a stored file read-only and check it before any decryption: the magic, the
+    header (fields, types, format, payload, chunk size), that it names ``dataset_id`` and
+    ``version``, and that its length is full chunks plus one final chunk. Raises
+    :class:`IntegrityError` on any of these; ``OSError`` propagates (a missing file).
+    The map is released when the block ends."""
     _check_args(data_key, dataset_id, version)
     fail = Fail(dataset_id, version)
     with open(path, "rb", buffering=0) as fh:
@@ -262,8 +289,8 @@ def _opened(path: Path, data_key: bytes, dataset_id: str,
         count, size = layout(len(body), header["chunk_size"], fail)
         digest = hashlib.sha256(start + raw_header).digest()
         try:
-            yield _Opened(body, AESGCM(bytes(data_key)), digest, count, size,
-                          header["chunk_size"], fail)
+            yield Envelope(body, AESGCM(bytes(data_key)), digest, count, size,
+                           header["chunk_size"], fail)
         finally:
             with contextlib.suppress(BufferError):
                 body.release()
@@ -284,44 +311,13 @@ def decrypt_to_bytes(path: Path, data_key: bytes, *, dataset_id: str, version: i
     that cannot be full chunks plus one final chunk, or any chunk failing authentication
     (tampered, reordered, swapped, truncated or dropped chunks, or the wrong data key);
     on failure the buffer is zeroed and not returned.  ``OSError`` propagates (e.g. a
-    missing file).
+    missing file).  The worker decrypts into its RAM buffers instead
+    (:func:`open_envelope`, :meth:`Envelope.decrypt_into`), with the same contract.
     """
-    with _opened(path, data_key, dataset_id, version) as f:
-        out = bytearray(f.size)
-        try:
-            decrypt_records(f.body, f.aead, f.digest, out, f.count, f.chunk_size, f.fail)
-        except BaseException:
-            np.frombuffer(out, dtype=np.uint8).fill(0)
-            raise
+    with open_envelope(path, data_key, dataset_id=dataset_id, version=version) as envelope:
+        out = bytearray(envelope.size)
+        envelope.decrypt_into(out)
     return out
-
-
-@contextlib.contextmanager
-def decrypted_file(path: Path, data_key: bytes, *, dataset_id: str, version: int,
-                   tmpfs_dir: Path) -> Iterator[Path]:
-    """Decrypt a stored file straight into a 0600 file on tmpfs (one pass, no extra
-    copy) inside a private 0700 directory; both are removed when the block ends.
-
-    Same integrity contract as :func:`decrypt_to_bytes`; on failure nothing is left.
-    """
-    directory = Path(tempfile.mkdtemp(prefix=f"sbx-plain-{os.getpid()}-", dir=tmpfs_dir))
-    target = directory / "data.parquet"
-    try:
-        with _opened(path, data_key, dataset_id, version) as f:
-            fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                os.ftruncate(fd, f.size)
-                if f.size:
-                    with mmap.mmap(fd, f.size) as out:
-                        decrypt_records(f.body, f.aead, f.digest, out, f.count, f.chunk_size,
-                                        f.fail)
-            finally:
-                os.close(fd)
-        yield target
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            target.unlink()
-        directory.rmdir()
 
 
 def load_table(path: Path, data_key: bytes, *, dataset_id: str, version: int) -> pa.Table:

@@ -5,7 +5,8 @@ The worker is trusted code. For a query job it:
 2. builds the measurement from the spec (data-independent);
 3. charges the ledger in a fenced transaction *before* touching data; a refusal there
    fails the job with the ledger's public message;
-4. decrypts the dataset into RAM and runs the measurement; any failure from here on is
+4. runs the measurement over the dataset, decrypted (and authenticated) into a RAM buffer
+   of its cache before the charge and scanned there in place; any failure from here on is
    data-dependent and becomes one generic message, and the charge stays;
 5. stores the result and moves the job to review (or releases it when the policy needs no
    review), fenced by its lease token.
@@ -26,9 +27,10 @@ from sqlalchemy import select
 
 from sandbox.config import Settings
 from sandbox.datasets import catalog, store
-from sandbox.datasets.cache import DecryptedCache, materialise, reap_orphans
+from sandbox.datasets.cache import DecryptedCache, envelope_loader, reap_orphans
 from sandbox.datasets.keyring import Keyring
 from sandbox.datasets.keys import KeyUnavailable
+from sandbox.datasets.plaintext import PlainBuffer
 from sandbox.datasets.schema import DatasetSchema
 from sandbox.db import Database
 from sandbox.db.models import DatasetVersion, Job, JobResult, Policy
@@ -123,18 +125,23 @@ class Worker:
             log.exception("job %s: could not plan the query", claimed.job_id)
             self._fail(claimed, "the query could not be planned; nothing was charged")
             return
-        try:  # keys and integrity are not data: failures here come before any charge
-            buffer = self._load(version)
-        except KeyUnavailable as exc:
-            log.error("job %s: %s", claimed.job_id, exc)
-            self._fail(claimed, "the dataset's key is not available (deleted dataset or "
-                                "missing master key); nothing was charged")
-            return
-        except store.IntegrityError as exc:
-            log.error("job %s: %s", claimed.job_id, exc)
-            self._fail(claimed, "the stored dataset failed its integrity check; nothing was "
-                                "charged (operator: restore it from backup)")
-            return
+        with contextlib.ExitStack() as pinned:
+            try:  # keys and integrity are not data: failures here come before any charge
+                plain = pinned.enter_context(self._plaintext(version))
+            except KeyUnavailable as exc:
+                log.error("job %s: %s", claimed.job_id, exc)
+                self._fail(claimed, "the dataset's key is not available (deleted dataset or "
+                                    "missing master key); nothing was charged")
+                return
+            except store.IntegrityError as exc:
+                log.error("job %s: %s", claimed.job_id, exc)
+                self._fail(claimed, "the stored dataset failed its integrity check; nothing "
+                                    "was charged (operator: restore it from backup)")
+                return
+            self._charge_and_run(claimed, plan, spec, schema, doc, plain)
+
+    def _charge_and_run(self, claimed: Claim, plan: engine.Plan | None, spec: QuerySpec,
+                        schema: DatasetSchema, doc: PolicyDocument, plain: PlainBuffer) -> None:
         left = (0.0, 0.0)
         if plan is not None:
             try:
@@ -148,7 +155,7 @@ class Worker:
                 self._fail(claimed, str(exc))
                 return
         try:
-            content = self._run(claimed, plan, spec, schema, doc, buffer, left)
+            content = self._run(claimed, plan, spec, schema, doc, plain, left)
         except LeaseLost:
             raise
         except Exception:
@@ -157,26 +164,28 @@ class Worker:
             return
         self._complete(claimed, content)
 
-    def _load(self, version: DatasetVersion) -> bytearray:
-        """The decrypted dataset (cached); authenticated by the envelope before use."""
+    @contextlib.contextmanager
+    def _plaintext(self, version: DatasetVersion) -> Iterator[PlainBuffer]:
+        """The decrypted dataset, pinned in the cache for the block. On a miss: unwrap the
+        data key, check the envelope, authenticate and decrypt every chunk into a RAM
+        buffer (a failing chunk wipes it); nothing reaches the engine before that."""
         if version.wrapped_key is None:  # shredded: a cached copy must not outlive the key
             raise KeyUnavailable(f"dataset {version.dataset_id} version {version.version}: "
                                  "data key destroyed (dataset deleted)")
 
-        def decrypt() -> bytearray:
-            data_key = catalog.unwrap_data_key(version, self.keys)
-            return store.decrypt_to_bytes(self.settings.data_dir / version.storage_file,
-                                          data_key, dataset_id=version.dataset_id,
-                                          version=version.version)
-        return self.cache.get((version.dataset_id, version.version, version.ciphertext_sha256),
-                              decrypt)
+        load = envelope_loader(self.settings.data_dir / version.storage_file,
+                               lambda: catalog.unwrap_data_key(version, self.keys),
+                               dataset_id=version.dataset_id, version=version.version)
+        key = (version.dataset_id, version.version, version.ciphertext_sha256)
+        with self.cache.use(key, load) as plain:
+            yield plain
 
     def _run(self, claimed: Claim, plan: engine.Plan | None, spec: QuerySpec,
-             schema: DatasetSchema, doc: PolicyDocument, buffer: bytearray,
+             schema: DatasetSchema, doc: PolicyDocument, plain: PlainBuffer,
              left: tuple[float, float]) -> dict[str, Any]:
         started = time.monotonic()
-        with materialise(buffer, self.settings.tmpfs_dir) as path, self._keep_lease(claimed):
-            handle = DatasetHandle(path)
+        with self._keep_lease(claimed):
+            handle = DatasetHandle(plain)
             if plan is None:
                 content = sdc_engine.execute(spec, schema, doc.sdc, handle)
             else:
@@ -204,13 +213,19 @@ class Worker:
                                            tmpfs_dir=self.settings.tmpfs_dir)
             self._finish_script(claimed, outcome, mode)
             return
-        try:
-            buffer = self._load(version)
-        except (KeyUnavailable, store.IntegrityError) as exc:
-            log.error("job %s: %s", claimed.job_id, exc)
-            self._fail(claimed, "the dataset is not available (key or integrity); nothing "
-                                "was charged")
-            return
+        with contextlib.ExitStack() as pinned:
+            try:
+                plain = pinned.enter_context(self._plaintext(version))
+            except (KeyUnavailable, store.IntegrityError) as exc:
+                log.error("job %s: %s", claimed.job_id, exc)
+                self._fail(claimed, "the dataset is not available (key or integrity); "
+                                    "nothing was charged")
+                return
+            outcome = self._run_script(claimed, executor, raw, schema, doc, plain)
+        self._finish_script(claimed, outcome, mode)
+
+    def _run_script(self, claimed: Claim, executor: Executor, raw: dict[str, Any],
+                    schema: DatasetSchema, doc: PolicyDocument, plain: PlainBuffer) -> Any:
         with self.db.transaction() as session:
             job = session.get(Job, claimed.job_id)
             assert job is not None
@@ -222,11 +237,12 @@ class Worker:
                 ledger.charge(session, dataset_id=job.dataset_id, org_id=job.org_id,
                               job_id=job.id, seq=seq, cost=cost, budget=doc.budget)
 
-        with materialise(buffer, self.settings.tmpfs_dir) as path, self._keep_lease(claimed):
-            outcome = scripts.run_real(executor, job_id=claimed.job_id, source=source,
-                                       dataset=dataset, schema=schema, doc=doc, parquet=path,
-                                       left=left, charge=charge)
-        self._finish_script(claimed, outcome, mode)
+        # run_real takes a path: the memfd's /proc/self/fd path, valid in this process
+        # only (the script's sandbox never inherits the descriptor: close-on-exec)
+        with self._keep_lease(claimed):
+            return scripts.run_real(executor, job_id=claimed.job_id, source=raw["source"],
+                                    dataset=raw["dataset"], schema=schema, doc=doc,
+                                    parquet=plain.proc_path, left=left, charge=charge)
 
     def _finish_script(self, claimed: Claim, outcome: Any, mode: str) -> None:
         if outcome.reason != "ok":

@@ -32,19 +32,31 @@ import numpy as np
 import opendp.prelude as dp
 import polars as pl
 
+from sandbox.datasets.plaintext import PlainBuffer
+
 dp.enable_features("contrib", "honest-but-curious")
 
 VECTOR = dp.vector_domain(dp.atom_domain(T=float, nan=False))
 
 
 class DatasetHandle:
-    """What the broker's OpenDP session holds: the decrypted dataset, never given out."""
+    """What the broker's OpenDP session holds: the decrypted dataset, never given out.
 
-    def __init__(self, parquet_path: Path) -> None:
-        self._path = parquet_path
+    ``source`` is the worker's RAM buffer holding the decrypted Parquet file (scanned in
+    place, no copy), or a Parquet file path (mock data, tests). The buffer must stay
+    open, and unchanged, while the handle is used.
+    """
+
+    def __init__(self, source: Path | PlainBuffer) -> None:
+        self._source = source
 
     def lazy(self, columns: list[str]) -> pl.LazyFrame:
-        return pl.scan_parquet(self._path).select(columns)
+        """A lazy scan of ``columns`` (projection pushed down to the Parquet reader)."""
+        source = self._source
+        if isinstance(source, PlainBuffer):
+            with source.reader() as reader:  # Polars keeps its own duplicate descriptor
+                return pl.scan_parquet(reader).select(columns)
+        return pl.scan_parquet(source).select(columns)
 
 
 DATASET = dp.user_domain("SandboxDataset", member=lambda x: isinstance(x, DatasetHandle))

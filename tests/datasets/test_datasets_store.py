@@ -278,9 +278,10 @@ def test_failed_decryption_zeroes_the_buffer(
     buffers: list[bytearray] = []
     real = store.decrypt_records
 
-    def spy(fh: object, aead: object, digest: bytes, out: bytearray, *args: object) -> None:
+    def spy(fh: object, aead: object, digest: bytes, out: bytearray, *args: object,
+            **kwargs: object) -> None:
         buffers.append(out)
-        real(fh, aead, digest, out, *args)  # type: ignore[arg-type]
+        real(fh, aead, digest, out, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "decrypt_records", spy)
     expect_integrity_error(path, key)
