@@ -163,6 +163,7 @@ def test_a_dead_or_stale_launcher_is_replaced(site: Path, tmp_path: Path) -> Non
     try:
         first = prestart.take(site)
         first.discard()
+        prestart.refill(site)
         _wait_until(lambda: prestart._ready is not None)
         ready = prestart._ready
         assert ready is not None
@@ -171,6 +172,7 @@ def test_a_dead_or_stale_launcher_is_replaced(site: Path, tmp_path: Path) -> Non
         second = prestart.take(site)
         assert second is not ready and second.alive()
         second.discard()
+        prestart.refill(site)
         _wait_until(lambda: prestart._ready is not None)
         waiting = prestart._ready
         assert waiting is not None

@@ -99,13 +99,16 @@ class BubblewrapExecutor(Executor):
 
     def start(self, prepared: Prepared) -> Running:
         request = prepared.request
-        launcher = self.prestart.take(prepared.extra["site"])
+        site = prepared.extra["site"]
+        launcher = self.prestart.take(site)
         prepared.extra["cgroup"] = launcher.cgroup  # for cleanup, even without a Running
         try:
             launcher.hand_off(request.limits, prepared.workdir / "script.py")
         except BaseException:
             launcher.discard()
             raise
+        finally:
+            self.prestart.refill(site)
         proc = launcher.proc
         stderr: list[bytes] = []
 

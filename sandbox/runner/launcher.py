@@ -147,8 +147,9 @@ class Launcher:
 
 class Prestart:
     """At most one launcher started ahead. ``take`` hands it out (or starts one on the
-    spot when there is none, or it died, or the runtime changed) and starts the next in
-    the background. Thread-safe; ``close`` discards the waiting one."""
+    spot when there is none, or it died, or the runtime changed); ``refill``, called once
+    the job has its launcher, starts the next in the background, so its start overlaps
+    the job rather than delaying it. Thread-safe; ``close`` discards the waiting one."""
 
     def __init__(self, bwrap: str, enabled: bool = True) -> None:
         self.bwrap = bwrap
@@ -163,11 +164,12 @@ class Prestart:
         if ready is not None and not (ready.alive() and ready.site == site):
             ready.discard()
             ready = None
-        launcher = ready or Launcher.start(self.bwrap, site)
+        return ready or Launcher.start(self.bwrap, site)
+
+    def refill(self, site: Path) -> None:
         if self.enabled and not self._closed:
             threading.Thread(target=self._refill, args=(site,), daemon=True,
                              name="sandbox-prestart").start()
-        return launcher
 
     def _refill(self, site: Path) -> None:
         try:

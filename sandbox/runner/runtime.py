@@ -54,8 +54,7 @@ def ensure_runtime(root: Path) -> Path:
     """The site-packages directory of the runtime under ``root`` (built if missing)."""
     target = root / f"runtime-{runtime_key()}"
     site = target / "site-packages"
-    if (target / ".complete").exists():
-        _prune(root, keep=target)
+    if (target / ".complete").exists():  # older runtimes were pruned by its builder
         return site
     staging = root / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -15,6 +15,10 @@ import sys
 
 from sandbox.sdk import channel, protocol
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 # Only modules Python has already loaded at start-up are imported here (io, os, sys):
 # the start of every sandbox pays for each import, and ``runpy``/``traceback``/``typing``
 # cost more than the namespaces and the interpreter together.
@@ -60,7 +64,10 @@ def _run(script: str) -> None:
     exec(code, module.__dict__)
 
 
-def main() -> int:
+def main() -> NoReturn:
+    """Run the script, send ``done``, and end the process at once: nothing of the
+    script (atexit handlers, threads, finalisers) runs after ``done``, and the
+    interpreter's teardown is skipped (the sandbox is discarded whole)."""
     script = sys.argv[1]
     reader = os.fdopen(os.dup(0), "rb", buffering=0)
     writer = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -86,8 +93,8 @@ def main() -> int:
         protocol.write(writer, {"type": "done", "status": status})
     except OSError:
         pass
-    return status
+    os._exit(status if 0 <= status <= 255 else 1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
