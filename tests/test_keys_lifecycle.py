@@ -114,6 +114,33 @@ def test_no_plaintext_left_after_jobs(ready: Api) -> None:
     assert worker.cache.size == 0
 
 
+def test_engine_scans_the_cached_ram_buffer_in_place(ready: Api,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.jobs.worker as worker_module
+    from sandbox.datasets.plaintext import PlainBuffer
+
+    sources: list[object] = []
+    during: list[set[Path]] = []
+    real = worker_module.DatasetHandle
+
+    def spy(source: object) -> object:
+        sources.append(source)
+        during.append(set(ready.home.settings.tmpfs_dir.iterdir()))
+        return real(source)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module, "DatasetHandle", spy)
+    before = set(ready.home.settings.tmpfs_dir.iterdir())
+    worker = ready.home.worker()
+    job_id = _submit(ready)
+    assert worker.run_once()
+    assert _status(ready, job_id)["status"] == "pending_review"
+    assert len(sources) == 1 and isinstance(sources[0], PlainBuffer)
+    assert sources[0].size == worker.cache.size > 0  # the cache's buffer, no copy
+    assert during[0] == before  # no per-job file on tmpfs
+    worker.cache.clear()
+    assert sources[0].closed
+
+
 def test_orphaned_plaintext_is_reaped_at_start(ready: Api) -> None:
     orphan = Path("/dev/shm") / "sbx-plain-999999999-test"
     orphan.mkdir()
