@@ -8,6 +8,7 @@ the backend is still unavailable the test fails (CI never passes by skipping).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import statistics
@@ -266,3 +267,35 @@ def test_start_overhead_is_reported(executor: Any) -> None:
     print(f"\ndocker start->done median {docker_median * 1000:.0f} ms; "
           f"host python3 -c pass median {host_median * 1000:.0f} ms")
     assert docker_median < 10
+
+
+def test_sweep_removes_containers_of_dead_workers_only(executor: Any) -> None:
+    """A worker killed mid-job leaves its container; the next worker's sweep removes it,
+    but never a live worker's container or one another host made on a shared daemon."""
+    import docker
+
+    from sandbox.runner import docker_backend, staging
+
+    dead = subprocess.Popen(["/usr/bin/true"])
+    dead.wait()
+    host = staging.my_tag().split(":")[0]
+    tags = {"dead": f"{host}:{dead.pid}:1", "live": staging.my_tag(),
+            "other-host": f"elsewhere:{dead.pid}:1"}
+    client = docker.from_env()
+    made = {}
+    try:
+        for who, tag in tags.items():
+            made[who] = client.api.create_container(
+                executor.image, command=["/bin/true"], entrypoint=[""],
+                name=f"sandbox-sweep-{who}-{os.getpid()}", network_disabled=True,
+                labels={docker_backend.LABEL: executor.name,
+                        docker_backend.WORKER_LABEL: tag})["Id"]
+        assert executor.sweep() >= 1
+        with pytest.raises(docker.errors.NotFound):
+            client.api.inspect_container(made["dead"])
+        client.api.inspect_container(made["live"])
+        client.api.inspect_container(made["other-host"])
+    finally:
+        for ident in made.values():
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.remove_container(ident, force=True)

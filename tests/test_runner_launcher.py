@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from conftest import missing_part
 
 from sandbox.runner import limits as cg
+from sandbox.runner import staging
 from sandbox.runner.bubblewrap import BubblewrapExecutor
 from sandbox.runner.contract import Limits, SandboxRequest
 from sandbox.runner.launcher import Launcher, Prestart
@@ -198,12 +201,55 @@ def test_close_discards_the_waiting_launcher(bwrap_executor: BubblewrapExecutor)
     assert bwrap_executor.prestart._ready is None
 
 
-def test_stale_cgroups_of_a_killed_worker_are_swept(site: Path) -> None:
-    cgroup = cg.create(f"lstale{os.getpid()}", LIMITS)
-    if not cgroup.paths:
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["/usr/bin/true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_removes_only_what_dead_workers_left(site: Path) -> None:
+    """cgroups and staged scripts are tagged with their worker (host, pid, start time);
+    a sweep removes a dead worker's and keeps a live one's."""
+    dead = f"{_dead_pid()}-1"
+    dead_cgroup = cg.create(f"{dead}-feed", LIMITS)
+    if not dead_cgroup.paths:
         pytest.skip("cgroups are not writable here (rlimits fallback)")
-    cg.cleanup_stale()
-    assert all(not path.exists() for path in cgroup.paths)
+    live_cgroup = cg.create(f"{staging.short_tag()}-beef", LIMITS)
+    live_dir = staging.stage_script(ROOT, f"sweep-live-{os.getpid()}", "pass")
+    dead_dir = ROOT / "jobs" / f"sweep-dead-{os.getpid()}.{dead}"
+    dead_dir.mkdir(parents=True)
+    (dead_dir / ".owner").write_text(f"{socket.gethostname()}:{dead.replace('-', ':')}")
+    (dead_dir / "script.py").write_text("secret analysis")
+    other_host = ROOT / "jobs" / f"sweep-other-{os.getpid()}.1-1"
+    other_host.mkdir()
+    (other_host / ".owner").write_text(f"elsewhere:{dead.replace('-', ':')}")
+    untagged_old = ROOT / "jobs" / f"sweep-legacy-{os.getpid()}"
+    untagged_old.mkdir()
+    os.utime(untagged_old, (time.time() - 7200, time.time() - 7200))
+    try:
+        swept = BubblewrapExecutor(ROOT, prestart=False).sweep()
+        assert swept >= 2 + len(dead_cgroup.paths)
+        assert all(not path.exists() for path in dead_cgroup.paths)
+        assert not dead_dir.exists() and not untagged_old.exists()
+        assert all(path.exists() for path in live_cgroup.paths)
+        assert live_dir.exists() and other_host.exists()  # live, or not ours to judge
+    finally:
+        live_cgroup.remove()
+        for path in (live_dir, dead_dir, other_host, untagged_old):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_staged_directories_are_per_worker_and_tagged(site: Path) -> None:
+    workdir = staging.stage_script(ROOT, f"stage-{os.getpid()}", "print(1)")
+    try:
+        assert workdir.name == f"stage-{os.getpid()}.{staging.short_tag()}"
+        assert (workdir / ".owner").read_text() == staging.my_tag()
+        assert not staging.is_dead(staging.my_tag())
+        assert oct((workdir / "script.py").stat().st_mode & 0o777) == "0o644"
+        with pytest.raises(ValueError, match="plain name"):
+            staging.stage_script(ROOT, "../escape", "pass")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_rlimits_fallback_sets_address_space_and_process_limits(

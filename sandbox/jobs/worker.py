@@ -255,6 +255,9 @@ class Worker:
         if self._runner is None:
             runner = make_executor(self.settings)
             runner.check_available()
+            swept = runner.sweep()  # what workers of this host that died left behind
+            if swept:
+                log.info("swept %d leftovers of dead workers (%s)", swept, runner.name)
             self._runner = runner
         return self._runner
 

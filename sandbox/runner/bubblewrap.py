@@ -34,6 +34,7 @@ from sandbox.runner.contract import (
 )
 from sandbox.runner.launcher import Prestart
 from sandbox.runner.runtime import ensure_runtime
+from sandbox.runner.staging import stage_script, sweep_staged
 
 STDERR_CAP = 64 * 1024
 
@@ -88,13 +89,7 @@ class BubblewrapExecutor(Executor):
 
     def prepare(self, request: SandboxRequest) -> Prepared:
         site = ensure_runtime(self.root)
-        workdir = self.root / "jobs" / request.job_id
-        workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root / "jobs", 0o711)
-        os.chmod(workdir, 0o755)
-        script = workdir / "script.py"
-        script.write_text(request.script)
-        os.chmod(script, 0o644)
+        workdir = stage_script(self.root, request.job_id, request.script)
         return Prepared(request, workdir, {"site": site})
 
     def start(self, prepared: Prepared) -> Running:
@@ -175,3 +170,7 @@ class BubblewrapExecutor(Executor):
     def close(self) -> None:
         """Discard the launcher started ahead (see ``sandbox.runner.launcher``)."""
         self.prestart.close()
+
+    def sweep(self) -> int:
+        """Launcher cgroups and staged scripts of dead workers of this host."""
+        return cg.cleanup_stale() + sweep_staged(self.root)

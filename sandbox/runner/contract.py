@@ -101,3 +101,9 @@ class Executor(abc.ABC):
     def close(self) -> None:  # noqa: B027 (optional: most backends keep nothing)
         """Release what the executor keeps between jobs (bubblewrap: the launcher started
         ahead). Idempotent; a job run afterwards still works, it only starts cold."""
+
+    def sweep(self) -> int:
+        """Remove what sandboxes of dead workers of this host left behind (cgroups,
+        containers, staged scripts); never touch a live worker's. Called when a worker
+        starts. Idempotent; returns how many things were removed."""
+        return 0

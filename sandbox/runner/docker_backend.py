@@ -27,7 +27,6 @@ import contextlib
 import io
 import logging
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -45,6 +44,7 @@ from sandbox.runner.contract import (
     SandboxRequest,
 )
 from sandbox.runner.launcher import BOOT
+from sandbox.runner.staging import is_dead, my_tag, stage_script, sweep_staged
 
 STDERR_CAP = 64 * 1024
 # gVisor's own kernel (the Sentry, a Go program) runs in the container's pids cgroup and
@@ -56,7 +56,7 @@ ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
 ALLOWED_IMAGE_ENV = {*ENVIRONMENT, "HOSTNAME"}
 SETUP_HINT = "run scripts/docker-setup.sh"
 LABEL = "org.sandbox.executor"
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+WORKER_LABEL = "org.sandbox.worker"  # host:pid:start of the worker (runner.staging)
 _STDOUT, _STDERR = 1, 2
 
 log = logging.getLogger(__name__)
@@ -298,18 +298,8 @@ class DockerExecutor(Executor):
         return f"sandbox-job-{job_id}"
 
     def prepare(self, request: SandboxRequest) -> Prepared:
-        if not _JOB_ID.fullmatch(request.job_id):
-            raise ValueError(f"job id {request.job_id!r} is not a plain name")
-        jobs = self.root / "jobs"
-        workdir = jobs / request.job_id
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)
-        jobs.chmod(0o711)
-        workdir.chmod(0o755)
-        script = workdir / "script.py"
-        script.write_text(request.script)
-        script.chmod(0o644)
-        return Prepared(request, workdir, {"script": script,
+        workdir = stage_script(self.root, request.job_id, request.script)
+        return Prepared(request, workdir, {"script": workdir / "script.py",
                                            "container": self.container_name(request.job_id)})
 
     def _host_config(self, client: Any, prepared: Prepared) -> Any:
@@ -359,7 +349,8 @@ class DockerExecutor(Executor):
             environment=dict(ENVIRONMENT),
             working_dir="/tmp",
             network_disabled=True,
-            labels={LABEL: self.name, "org.sandbox.job": prepared.request.job_id},
+            labels={LABEL: self.name, "org.sandbox.job": prepared.request.job_id,
+                    WORKER_LABEL: my_tag()},
             host_config=self._host_config(client, prepared),
             runtime=self.runtime,
         )
@@ -481,10 +472,15 @@ class DockerExecutor(Executor):
                 log.warning("container %s not removed: %s", name, exc)
         shutil.rmtree(prepared.workdir, ignore_errors=True)
 
-    def cleanup_stale(self) -> int:
-        """Remove every container this backend created (after a worker restart)."""
+    def sweep(self) -> int:
+        """Containers and staged scripts of dead workers of this host (containers of
+        live workers, and of other hosts sharing the daemon, are left alone)."""
         client = self._docker()
         found = client.api.containers(all=True, filters={"label": f"{LABEL}={self.name}"})
+        removed = 0
         for container in found:
-            self._remove(client, container["Id"])
-        return len(found)
+            tag = (container.get("Labels") or {}).get(WORKER_LABEL)
+            if tag is None or is_dead(tag):  # untagged: made before tags existed
+                self._remove(client, container["Id"])
+                removed += 1
+        return removed + sweep_staged(self.root)

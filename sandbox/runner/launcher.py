@@ -31,6 +31,7 @@ from pathlib import Path
 from sandbox.runner import limits as cg
 from sandbox.runner.contract import Limits
 from sandbox.runner.seccomp import program
+from sandbox.runner.staging import short_tag
 
 BOOT = ("import sys; sys.path[:0] = ['/opt/sandbox']; "
         "from sandbox.sdk.bootstrap import main; sys.exit(main())")
@@ -87,7 +88,7 @@ class Launcher:
     @classmethod
     def start(cls, bwrap: str, site: Path) -> Launcher:
         """Start a launcher under default limits, in a fresh cgroup of its own."""
-        name = f"l{secrets.token_hex(8)}"
+        name = f"{short_tag()}-{secrets.token_hex(4)}"
         cgroup = cg.create(name, Limits())
         uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
         read_fd, write_fd = os.pipe()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,6 @@ class Cgroup:
                     break
                 except OSError:
                     self.kill_all()
-                    import time
                     time.sleep(0.02)
 
 
@@ -106,9 +106,11 @@ def detect() -> str:
 
 
 def create(name: str, limits: Limits) -> Cgroup:
-    """A cgroup called ``sbx-<name>`` with the limits written, or the rlimits fallback."""
+    """A cgroup called ``sbx-<name>`` with the limits written, or the rlimits fallback.
+    Names start with the worker's short tag (``runner.staging``) so a sweep can tell
+    whose it is."""
     mode = detect()
-    name = f"sbx-{name[:24]}"
+    name = f"sbx-{name}"
     try:
         if mode == "cgroup2":
             parent = ROOT / "sandbox"
@@ -134,12 +136,28 @@ def create(name: str, limits: Limits) -> Cgroup:
         return Cgroup("rlimits")
 
 
-def cleanup_stale() -> None:
-    """Remove job cgroups left by a killed worker (empty ones only)."""
+def cleanup_stale() -> int:
+    """Remove the job cgroups of dead workers of this host (their processes are killed
+    first: a launcher's parent-death signal should already have done it), and empty
+    untagged ones from before tags; return how many were removed."""
+    from sandbox.runner.staging import is_dead
+
+    removed = 0
     for base in (ROOT / "sandbox", ROOT / "memory" / "sandbox", ROOT / "pids" / "sandbox",
                  ROOT / "cpu" / "sandbox"):
-        if base.is_dir():
-            for path in base.iterdir():
-                if path.is_dir() and path.name.startswith("sbx-"):
-                    with contextlib.suppress(OSError):
-                        path.rmdir()
+        if not base.is_dir():
+            continue
+        for path in base.iterdir():
+            if not (path.is_dir() and path.name.startswith("sbx-")):
+                continue
+            pid, _, rest = path.name[4:].partition("-")
+            start = rest.partition("-")[0]
+            if pid.isdigit() and start.isdigit():
+                if not is_dead(f"{pid}-{start}"):
+                    continue
+                Cgroup("stale", [path]).remove()
+            else:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            removed += not path.exists()
+    return removed
