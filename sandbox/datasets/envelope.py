@@ -36,6 +36,7 @@ import hashlib
 import json
 import secrets
 import struct
+import threading
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -222,37 +223,60 @@ def decrypt_records(
     """Authenticate and decrypt ``count`` records from ``body`` (the file after its header)
     into ``out`` (any writable buffer of the plaintext size: a ``bytearray`` or an mmap).
 
-    Chunks are independent, so they are decrypted on ``threads`` threads (the AEAD
-    releases the GIL); every chunk is authenticated before the call returns.
+    Chunks are independent, so they are decrypted on up to ``threads`` threads (the AEAD
+    releases the GIL), each taking the next chunk not yet taken (a thread slowed by other
+    load holds up at most one chunk). Every chunk is authenticated before the call
+    returns; on the first failure the other threads stop taking chunks, and the call
+    raises once all of them have stopped writing to ``out``.
     """
     out_view = memoryview(out)
     size = len(out_view)
+    pending = iter(range(count))
+    take = threading.Lock()
+    failed = threading.Event()
 
-    def run(indices: range) -> None:
-        for i in indices:
-            begin = i * chunk_size
-            n = min(chunk_size, size - begin)
-            start = i * (NONCE + chunk_size + TAG)
-            rec = body[start : start + NONCE + n + TAG]
-            if len(rec) != NONCE + n + TAG:
-                raise fail(f"file is truncated in chunk {i} of {count}")
+    def one(i: int) -> None:
+        begin = i * chunk_size
+        n = min(chunk_size, size - begin)
+        start = i * (NONCE + chunk_size + TAG)
+        rec = body[start : start + NONCE + n + TAG]
+        if len(rec) != NONCE + n + TAG:
+            raise fail(f"file is truncated in chunk {i} of {count}")
+        try:
+            aead.decrypt_into(
+                bytes(rec[:NONCE]), rec[NONCE:], aad(digest, i, i == count - 1),
+                out_view[begin : begin + n],
+            )
+        except InvalidTag:
+            raise fail(
+                f"chunk {i} of {count} failed authentication (tampered, reordered, "
+                "swapped, truncated or dropped data, or the wrong data key)"
+            ) from None
+
+    def run() -> None:
+        while not failed.is_set():
+            with take:
+                i = next(pending, None)
+            if i is None:
+                return
             try:
-                aead.decrypt_into(
-                    bytes(rec[:NONCE]), rec[NONCE:], aad(digest, i, i == count - 1),
-                    out_view[begin : begin + n],
-                )
-            except InvalidTag:
-                raise fail(
-                    f"chunk {i} of {count} failed authentication (tampered, reordered, "
-                    "swapped, truncated or dropped data, or the wrong data key)"
-                ) from None
+                one(i)
+            except BaseException:
+                failed.set()
+                raise
 
     workers = max(1, min(threads, count))
     if workers == 1:
-        run(range(count))
+        run()
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(run, range(k, count, workers)) for k in range(workers)]:
-            future.result()
+    with ThreadPoolExecutor(workers - 1) as pool:  # this thread is one of the workers
+        futures = [pool.submit(run) for _ in range(workers - 1)]
+        try:
+            run()
+        finally:
+            errors = [f.exception() for f in futures]  # waits for every thread
+    for error in errors:
+        if error is not None:
+            raise error
