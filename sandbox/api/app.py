@@ -8,11 +8,11 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 
-from sandbox import __version__
+from sandbox import __version__, web
 from sandbox.api.hygiene import BodyLimit, Metrics
 from sandbox.api.routers import (
     budget,
@@ -54,6 +54,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return response
     for module in (datasets, policies, jobs, reviews, releases, budget, queries):
         app.include_router(module.router)
+    web.mount(app)  # the pages under /ui/; their errors are rendered by web.error_page
 
     @app.get("/v1/health", tags=["health"], summary="Liveness and database reachability")
     def health() -> dict[str, Any]:
@@ -70,37 +71,48 @@ def create_app(runtime: Runtime) -> FastAPI:
         return metrics.render(jobs, {})
 
     @app.exception_handler(SandboxError)
-    async def _sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
+    async def _sandbox_error(request: Request, exc: SandboxError) -> Response:
         if exc.status_code == 403:
             _audit_forbidden(runtime, request, str(exc))
+        if (html := web.error_page(request, exc.status_code, str(exc))) is not None:
+            return html
         headers = {"Retry-After": "60"} if exc.status_code == 429 else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(SchemaError)
     @app.exception_handler(IngestError)
-    async def _bad_input(_request: Request, exc: Exception) -> JSONResponse:
+    async def _bad_input(request: Request, exc: Exception) -> Response:
+        if (html := web.error_page(request, 422, str(exc))) is not None:
+            return html
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 403:
             _audit_forbidden(runtime, request, str(exc.detail))
+        if (html := web.error_page(request, exc.status_code, str(exc.detail))) is not None:
+            return html
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        if (html := web.error_page(request, 422, "; ".join(problems))) is not None:
+            return html
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
 
     @app.exception_handler(OperationalError)
-    async def _database_unavailable(_request: Request, exc: OperationalError) -> JSONResponse:
+    async def _database_unavailable(request: Request, exc: OperationalError) -> Response:
         log.error("database unavailable: %s", type(exc.orig).__name__)
-        return JSONResponse({"detail": "the database is unavailable (locked or out of space); "
-                                       "nothing was changed, retry later"}, status_code=503)
+        detail = "the database is unavailable (locked or out of space); nothing was changed, " \
+                 "retry later"
+        if (html := web.error_page(request, 503, detail)) is not None:
+            return html
+        return JSONResponse({"detail": detail}, status_code=503)
 
     def openapi() -> dict[str, Any]:
         """Errors are ``{"detail": "<message>"}`` everywhere, 422 included."""
@@ -126,7 +138,9 @@ def _audit_forbidden(runtime: Runtime, request: Request, reason: str) -> None:
         from sandbox.identity.service import authenticate
         token = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         with runtime.db.transaction() as session:
-            principal = authenticate(session, token)
+            # a web page's user was resolved from the session cookie, not a header
+            principal = getattr(request.state, "principal", None) or \
+                authenticate(session, token)
             record(session, actor_id=principal.user_id if principal else None,
                    action="access.forbidden", object_type="request",
                    object_id=f"{request.method} {request.url.path}"[:64],

@@ -95,6 +95,19 @@ def authenticate(session: Session, token: str) -> Principal | None:
     if not token or len(token) > 200:
         return None
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+    return _principal_of(session, row)
+
+
+def authenticate_token_id(session: Session, token_id: str) -> Principal | None:
+    """The principal of the stored token with row id ``token_id``, under exactly the rules
+    of ``authenticate`` (revoked, expired or disabled: ``None``). The web pages' sessions
+    hold the token's id, never the token, and re-check it on every request."""
+    if not token_id or len(token_id) > 64:
+        return None
+    return _principal_of(session, session.get(ApiToken, token_id))
+
+
+def _principal_of(session: Session, row: ApiToken | None) -> Principal | None:
     if row is None or row.revoked_at is not None:
         return None
     expires = as_utc(row.expires_at)
