@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from sandbox.web.deps import SignInRequired, session_cookies
-from sandbox.web.errors import error_page, sign_in_required
+from sandbox.web.errors import error_page, routing_error, sign_in_required
 from sandbox.web.headers import UiHeaders
 from sandbox.web.session import SessionKeeper, load_key
 
@@ -35,4 +36,5 @@ def mount(app: FastAPI) -> None:
     app.mount("/ui/static", StaticFiles(directory=Path(__file__).parent / "static"),
               name="ui-static")
     app.add_exception_handler(SignInRequired, sign_in_required)
+    app.add_exception_handler(StarletteHTTPException, routing_error)
     app.add_middleware(UiHeaders, cookie=lambda state: session_cookies(keeper, state))

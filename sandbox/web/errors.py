@@ -8,6 +8,8 @@ redirect to the sign-in form.
 from __future__ import annotations
 
 from fastapi import Request
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import RedirectResponse, Response
 
 from sandbox.web.deps import SignInRequired, sign_in_url
@@ -34,3 +36,11 @@ def error_page(request: Request, status_code: int, detail: str) -> Response | No
 async def sign_in_required(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SignInRequired)
     return RedirectResponse(sign_in_url(exc.next_path, exc.ended), status_code=303)
+
+
+async def routing_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 (no such route or method): HTML under ``/ui``,
+    FastAPI's usual JSON elsewhere."""
+    assert isinstance(exc, StarletteHTTPException)
+    html = error_page(request, exc.status_code, str(exc.detail))
+    return html if html is not None else await http_exception_handler(request, exc)
