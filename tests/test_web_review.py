@@ -147,6 +147,7 @@ def test_query_output_and_state_machine_on_the_review_page(ready: Api) -> None:
     assert '<g class="state state-current">' in page and ">pending_review</text>" in page
     assert "job.released" in page and "job.rejected" in page  # the moves from here
     assert "budget.charged" in page  # history
+    assert "analyst-wang" not in page and "analyst of suzhou-analytics" in page
 
 
 SCRIPT = '''
@@ -247,6 +248,7 @@ def test_owner_pages_show_metadata_policy_budget_and_job_states(ready: Api, demo
     with ready.home.runtime.db.transaction() as session:
         sha = session.get(JobResult, job_id).content_sha256
     assert sha not in job_page and "sum_annual_revenue" not in job_page  # never the output
+    assert "analyst-wang" not in job_page and "analyst of suzhou-analytics" in job_page
     audit = owner.get("/ui/audit").text
     assert "policy.approved" in audit and "job.submitted" in audit
     assert "user.created" not in audit and "token.issued" not in audit
@@ -275,6 +277,7 @@ def test_audit_page_for_admin_verifies_the_chain(ready: Api) -> None:
     admin = sign_in(ready, ready.home.tokens["admin"])
     page = admin.get("/ui/audit").text
     assert "user.created" in page and "Verify the whole chain now" in page
+    assert "owner-li" in page  # admins see people by name
     verified = admin.get("/ui/audit?verify=1").text
     assert "Verified now: all" in verified
     with ready.home.runtime.db.transaction() as session:

@@ -14,13 +14,14 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sandbox.db.models import Job, JobResult, Release, User
+from sandbox.db.models import Job, JobResult, Release
 from sandbox.review.checks import MAX_OUTPUT_BYTES
 from sandbox.review.service import content_digest
 from sandbox.review.signing import ReleaseInvalid, Signer, verify
@@ -206,9 +207,11 @@ class ReleaseInfo:
     content_unchanged: bool
 
 
-def release_info(session: Session, job: Job, signer: Signer) -> ReleaseInfo | None:
+def release_info(session: Session, job: Job, signer: Signer,
+                 released_by: Callable[[str], str]) -> ReleaseInfo | None:
     """The job's release, its signature checked against this server's public key and its
-    stored content against the approved hash; ``None`` if not released."""
+    stored content against the approved hash; ``None`` if not released. ``released_by``
+    names the releasing reviewer (by user id) as the page may."""
     release = session.scalar(select(Release).where(Release.job_id == job.id))
     if release is None:
         return None
@@ -222,11 +225,10 @@ def release_info(session: Session, job: Job, signer: Signer) -> ReleaseInfo | No
         payload, ok, message = {}, False, "INVALID: the artifact could not be read"
     result = session.get(JobResult, job.id)
     unchanged = result is not None and content_digest(result.content) == release.content_sha256
-    user = session.get(User, release.released_by) if release.released_by else None
     return ReleaseInfo(release_id=release.id, sha256=release.content_sha256,
                        key_id=release.key_id, algorithm=str(artifact.get("algorithm", "")),
                        signature=str(artifact.get("signature", "")),
                        released_at=str(payload.get("released_at") or release.created_at),
-                       released_by=user.name if user else "automatic release (no review "
-                       "required)", signature_ok=ok, signature_message=message,
-                       content_unchanged=unchanged)
+                       released_by=released_by(release.released_by) if release.released_by
+                       else "automatic release (no review required)", signature_ok=ok,
+                       signature_message=message, content_unchanged=unchanged)

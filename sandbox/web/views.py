@@ -27,9 +27,13 @@ from sandbox.db.models import (
     Review,
     User,
 )
+from sandbox.identity.service import Principal, Role
+from sandbox.jobs.states import JobStatus
 from sandbox.policies.model import PolicyDocument
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import ledger
+from sandbox.review.signing import Signer
+from sandbox.web.outputs import ReleaseInfo, release_info
 
 LEVELS = {"L1": "public", "L2": "internal", "L3": "sensitive", "L4": "core (never queryable)"}
 
@@ -43,6 +47,22 @@ def user_names(session: Session, ids: set[str]) -> dict[str, str]:
         return {}
     return dict(session.execute(select(User.id, User.name).where(User.id.in_(ids)))
                 .tuples().all())
+
+
+def actor_labels(session: Session, principal: Principal, ids: set[str]) -> dict[str, str]:
+    """How the pages name the people behind events: by name within the viewer's own
+    organisation (or to an admin); elsewhere by role and organisation only, as the API,
+    which never shows who submitted or reviewed a job, would have it."""
+    if not ids:
+        return {}
+    orgs = org_names(session)
+    labels = {}
+    for user in session.scalars(select(User).where(User.id.in_(ids))):
+        if principal.role == Role.ADMIN or user.org_id == principal.org_id:
+            labels[user.id] = user.name
+        else:
+            labels[user.id] = f"{user.role} of {orgs.get(user.org_id, '?')}"
+    return labels
 
 
 @dataclass(frozen=True)
@@ -138,12 +158,12 @@ def job_summary(session: Session, job: Job) -> dict[str, Any]:
             "budget_unit": doc.budget.unit if doc else None}
 
 
-def timeline(session: Session, job: Job) -> list[dict[str, Any]]:
-    """The job's audit events, oldest first: what happened, when, who."""
+def timeline(session: Session, principal: Principal, job: Job) -> list[dict[str, Any]]:
+    """The job's audit events, oldest first: what happened, when, who (``actor_labels``)."""
     events = list(session.scalars(select(AuditEvent).where(
         AuditEvent.object_type == "job", AuditEvent.object_id == job.id)
         .order_by(AuditEvent.seq)))
-    names = user_names(session, {e.actor_id for e in events if e.actor_id})
+    names = actor_labels(session, principal, {e.actor_id for e in events if e.actor_id})
     return [{"seq": e.seq, "at": e.at, "action": e.action,
              "actor": names.get(e.actor_id, "") if e.actor_id else "system",
              "detail": e.detail} for e in events]
@@ -174,7 +194,14 @@ def dataset_overview(session: Session, dataset: Dataset) -> dict[str, Any]:
     budget = ledger.summary(session, dataset.id, document(policy).budget if policy else None,
                             None)
     waiting = session.scalar(select(func.count()).select_from(Job).where(
-        Job.dataset_id == dataset.id, Job.status == "pending_review")) or 0
+        Job.dataset_id == dataset.id, Job.status == JobStatus.PENDING_REVIEW.value)) or 0
     return {"name": dataset.name, "title": dataset.title, "latest_version": latest,
             "policy_version": policy.version if policy else None, "budget": budget,
             "pending_review": waiting}
+
+
+def release_view(session: Session, principal: Principal, job: Job,
+                 signer: Signer) -> ReleaseInfo | None:
+    """``outputs.release_info`` with the releasing reviewer named by ``actor_labels``."""
+    return release_info(session, job, signer,
+                        lambda uid: actor_labels(session, principal, {uid}).get(uid, "?"))

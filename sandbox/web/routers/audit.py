@@ -55,7 +55,8 @@ def audit(request: Request, runtime: RuntimeDep, principal: WebPrincipal,
         head = session.execute(select(AuditEvent.seq, AuditEvent.hash)
                                .order_by(AuditEvent.seq.desc()).limit(1)).first()
         result = verify(session) if check else None
-        names = views.user_names(session, {e.actor_id for e in events if e.actor_id})
+        names = views.actor_labels(session, principal,
+                                   {e.actor_id for e in events if e.actor_id})
     rows = [{"seq": e.seq, "at": e.at, "action": e.action, "object_type": e.object_type,
              "object_id": e.object_id, "actor": names.get(e.actor_id, e.actor_id)
              if e.actor_id else "system", "detail": e.detail} for e in events[:PAGE]]

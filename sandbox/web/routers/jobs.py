@@ -21,7 +21,6 @@ from sandbox.jobs.states import JobStatus
 from sandbox.web import views
 from sandbox.web.deps import WebPrincipal
 from sandbox.web.diagram import moves_from, state_svg
-from sandbox.web.outputs import release_info
 from sandbox.web.templating import page
 
 router = APIRouter(prefix="/ui/jobs", include_in_schema=False)
@@ -58,7 +57,8 @@ def job(request: Request, job_id: JobId, runtime: RuntimeDep,
     with runtime.db.transaction() as session:
         found = job_for(session, principal, job_id)
         context: dict[str, Any] = {"job": views.job_summary(session, found),
-                   "events": views.timeline(session, found),
-                   "release": release_info(session, found, runtime.signer)}
+                   "events": views.timeline(session, principal, found),
+                   "release": views.release_view(session, principal, found,
+                                                 runtime.signer)}
     return page(request, "job.html", title=f"Job {job_id[:12]}",
                 diagram=state_svg(found.status), moves=moves_from(found.status), **context)

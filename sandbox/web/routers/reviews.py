@@ -32,7 +32,7 @@ from sandbox.runtime import Runtime
 from sandbox.web import views
 from sandbox.web.deps import CsrfPrincipal, WebPrincipal
 from sandbox.web.diagram import moves_from, state_svg
-from sandbox.web.outputs import release_info, render
+from sandbox.web.outputs import render
 from sandbox.web.templating import page
 
 router = APIRouter(prefix="/ui/reviews", include_in_schema=False)
@@ -61,8 +61,8 @@ def _context(runtime: Runtime, principal: Principal, job_id: str) -> dict[str, A
         return {"job": views.job_summary(session, job), "spec": job.spec,
                 "output": render(result.content if result else None),
                 "sha256": result.content_sha256 if result else None,
-                "events": views.timeline(session, job),
-                "release": release_info(session, job, runtime.signer),
+                "events": views.timeline(session, principal, job),
+                "release": views.release_view(session, principal, job, runtime.signer),
                 "approved_by_me": mine is not None,
                 "decidable": job.status == JobStatus.PENDING_REVIEW.value,
                 "diagram": state_svg(job.status), "moves": moves_from(job.status)}
