@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/data_plane.py --rows 10000000 --repeat 7
 
-All sides run in one process, alternating within each repetition, on the same generated
-data, through the same scan code (``DatasetHandle.lazy``); ratios are of medians.
+All sides run in one process, alternating within each repetition (in reverse order every
+other one), on the same generated data, through the same scan code
+(``DatasetHandle.lazy``). The ratio is of medians; "paired" is the median of the
+per-repetition ratios, less sensitive to load that changes during the run.
 
 * plaintext: the handle scans the zstd Parquet file directly.
 * encrypted, cold (the headline): what the worker does for a job whose dataset is not in
@@ -90,17 +92,28 @@ class Encrypted:
             yield DatasetHandle(plain)
 
 
-def medians(sides: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median seconds of each side; the sides alternate within every repetition."""
+def timings(sides: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Seconds of each side per repetition. The sides alternate within every repetition,
+    in reverse order every other one (so no side always runs after the same one)."""
     for fn in sides.values():  # warm up: imports, thread pools, allocator, page cache
         fn()
     times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(repeat):
-        for name, fn in sides.items():
+    order = list(sides)
+    for rep in range(repeat):
+        for name in order if rep % 2 == 0 else order[::-1]:
             started = time.perf_counter()
-            fn()
+            sides[name]()
             times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def ratios(times: dict[str, list[float]], side: str) -> tuple[float, float, float]:
+    """``(median seconds, ratio of medians to plaintext, median of the per-repetition
+    ratios)``: the second is the headline; the third is less sensitive to load that
+    changes during the run."""
+    median = statistics.median(times[side])
+    paired = statistics.median(e / p for e, p in zip(times[side], times["plain"], strict=True))
+    return median, median / statistics.median(times["plain"]), paired
 
 
 def decrypt_rate(enc: Encrypted, repeat: int) -> float:
@@ -165,10 +178,10 @@ def main() -> None:
     def full(handle: DatasetHandle) -> object:
         return full_load(handle, columns)
 
-    results = {"query": medians(sides(query), args.repeat),
-               "full load": medians(sides(full), args.repeat)}
-    firsts = {"query": medians(first_job(query), args.repeat),
-              "full load": medians(first_job(full), args.repeat)}
+    results = {"query": timings(sides(query), args.repeat),
+               "full load": timings(sides(full), args.repeat)}
+    firsts = {"query": timings(first_job(query), args.repeat),
+              "full load": timings(first_job(full), args.repeat)}
     decrypt_seconds = decrypt_rate(enc, args.repeat)
     misses = cold_cache.misses
     cold_cache.clear()
@@ -193,15 +206,18 @@ def main() -> None:
           f"{decrypt_seconds:.3f} s ({enc.size / 1e9 / decrypt_seconds:.1f} GB/s, "
           f"{store.DECRYPT_THREADS} threads)")
     for label, t in results.items():
-        p = t["plain"]
-        print(f"{label:>9}: plaintext Parquet {p:.3f} s; encrypted store, cold (decrypt + "
-              f"scan) {t['cold']:.3f} s, ratio {t['cold'] / p:.3f} (goal <= 1.10); warm "
-              f"(cached) {t['warm']:.3f} s, ratio {t['warm'] / p:.3f}")
+        plain_s = statistics.median(t["plain"])
+        cold, cold_ratio, cold_paired = ratios(t, "cold")
+        warm, warm_ratio, warm_paired = ratios(t, "warm")
+        print(f"{label:>9}: plaintext Parquet {plain_s:.3f} s; encrypted store, cold (decrypt "
+              f"+ scan) {cold:.3f} s, ratio {cold_ratio:.3f} (goal <= 1.10; paired "
+              f"{cold_paired:.3f}); warm (cached) {warm:.3f} s, ratio {warm_ratio:.3f} "
+              f"(paired {warm_paired:.3f})")
     for label, t in firsts.items():
-        p = t["plain"]
+        first, first_ratio, first_paired = ratios(t, "new memory")
         print(f"{label:>9}, a new worker's first job (memory faulted in): plaintext "
-              f"Parquet {p:.3f} s, encrypted store {t['new memory']:.3f} s, "
-              f"ratio {t['new memory'] / p:.3f}")
+              f"Parquet {statistics.median(t['plain']):.3f} s, encrypted store {first:.3f} s, "
+              f"ratio {first_ratio:.3f} (paired {first_paired:.3f})")
     print(f"cold jobs that missed the cache: {misses} (every one)")
     for label, (mbps, seconds) in ingest.items():
         print(f"ingest {label}: {mbps:.0f} MB/s of input ({seconds:.1f} s, validate + encrypt)")
