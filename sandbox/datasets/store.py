@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import mmap
 import os
 import secrets
 import tempfile
@@ -47,6 +46,7 @@ from sandbox.datasets.envelope import (
     layout,
     parse_header,
 )
+from sandbox.datasets.mapped import MAPS
 
 __all__ = [
     "CHUNK_SIZE",
@@ -261,16 +261,18 @@ def open_envelope(path: Path, data_key: bytes, *, dataset_id: str,
     header (fields, types, format, payload, chunk size), that it names ``dataset_id`` and
     ``version``, and that its length is full chunks plus one final chunk. Raises
     :class:`IntegrityError` on any of these; ``OSError`` propagates (a missing file).
-    The map is released when the block ends."""
+    The file is read through a map kept for reuse (:mod:`sandbox.datasets.mapped`), so
+    loading it again costs no new page-table updates."""
     _check_args(data_key, dataset_id, version)
     fail = Fail(dataset_id, version)
-    with open(path, "rb", buffering=0) as fh:
-        file_size = os.fstat(fh.fileno()).st_size
-        if file_size < len(MAGIC) + LEN.size:
-            raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)")
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    view = memoryview(mapped)
-    try:
+    if os.stat(path).st_size < len(MAGIC) + LEN.size:
+        raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)")
+    with contextlib.ExitStack() as mapped:
+        try:
+            view = mapped.enter_context(MAPS.open(path))
+        except ValueError:  # emptied since the stat: nothing to map
+            raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)") \
+                from None
         start = bytes(view[: len(MAGIC) + LEN.size])
         if start[: len(MAGIC)] != MAGIC:
             raise fail("bad magic (not a format-2 sandbox encrypted file, or truncated)")
@@ -294,12 +296,6 @@ def open_envelope(path: Path, data_key: bytes, *, dataset_id: str,
         finally:
             with contextlib.suppress(BufferError):
                 body.release()
-    finally:
-        # An exception's traceback may still hold slices of the map; then it is closed
-        # when they are collected.
-        with contextlib.suppress(BufferError):
-            view.release()
-            mapped.close()
 
 
 def decrypt_to_bytes(path: Path, data_key: bytes, *, dataset_id: str, version: int) -> bytearray:
