@@ -224,9 +224,8 @@ def main() -> None:
     for label, t in firsts.items():
         first, first_ratio, first_paired = ratios(t, "new memory")
         print(f"{label:>9}, a new worker's first job (fresh memory and file map): "
-              f"plaintext "
-              f"Parquet {statistics.median(t['plain']):.3f} s, encrypted store {first:.3f} s, "
-              f"ratio {first_ratio:.3f} (paired {first_paired:.3f})")
+              f"plaintext Parquet {statistics.median(t['plain']):.3f} s, encrypted store "
+              f"{first:.3f} s, ratio {first_ratio:.3f} (paired {first_paired:.3f})")
     print(f"cold jobs that missed the cache: {misses} (every one)")
     for label, (mbps, seconds) in ingest.items():
         print(f"ingest {label}: {mbps:.0f} MB/s of input ({seconds:.1f} s, validate + encrypt)")
