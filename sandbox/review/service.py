@@ -76,9 +76,11 @@ def approve(session: Session, principal: Principal, job: Job, *, signer: Signer,
 
 
 def reject(session: Session, principal: Principal, job: Job, reason: str) -> None:
+    """Reject ``job``; the analyst sees the reason as the job's public error."""
     check_can_review(principal, job)
     session.add(Review(job_id=job.id, reviewer_id=principal.user_id, decision="rejected",
                        reason=reason))
+    job.error_public = f"rejected by review: {reason}"
     transition(session, job, JobStatus.REJECTED, actor="reviewer", actor_id=principal.user_id,
                detail={"reason": reason})
 

@@ -74,5 +74,4 @@ def reject(job_id: str, body: Rejection, runtime: RuntimeDep,
     with runtime.db.transaction() as session:
         job = _reviewable(session, principal, job_id)
         service.reject(session, principal, job, body.reason)
-        job.error_public = f"rejected by review: {body.reason}"
         return jobs.job_view(job)
