@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from conftest import QUERY, Api
+from conftest import POLICY_YAML, QUERY, Api
 
 from sandbox.db import Database
 
@@ -98,3 +98,25 @@ def test_locked_database_is_503_and_nothing_changes(world: tuple[Api, str]) -> N
         blocker.close()
     jobs = api.as_("analyst").get("/v1/jobs").json()
     assert len(jobs) == 1
+
+
+def test_non_owners_of_the_owning_organisation_see_what_outsiders_see(ready: Api) -> None:
+    """Drafts and the exact row count are for the dataset's owners, not for every user
+    who happens to share their organisation (the ``can_own_dataset`` rule)."""
+    from fastapi.testclient import TestClient
+    from test_web_support import add_user
+
+    from sandbox.identity.service import Role
+
+    owner = ready.as_("owner")
+    draft = owner.post("/v1/datasets/enterprises/policies", json={"yaml": POLICY_YAML})
+    assert draft.status_code == 201, draft.text
+    token = add_user(ready, "colleague", "jiangsu-data-bureau", Role.ANALYST)  # the owner's
+    colleague = TestClient(ready.app, headers={"Authorization": f"Bearer {token}"})
+    owner_view = owner.get("/v1/datasets/enterprises/policies").json()
+    colleague_view = colleague.get("/v1/datasets/enterprises/policies").json()
+    assert len(owner_view) == 2
+    assert [p["version"] for p in colleague_view] == [1]  # only the one in force
+    versions = colleague.get("/v1/datasets/enterprises").json()["versions"]
+    assert all(v["row_count"] is None for v in versions)
+    assert all(v["row_count"] for v in owner.get("/v1/datasets/enterprises").json()["versions"])

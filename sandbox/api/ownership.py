@@ -21,6 +21,12 @@ from sandbox.identity.service import Principal, Role
 from sandbox.jobs import service as jobs
 
 
+def can_own_dataset(principal: Principal, dataset: Dataset) -> bool:
+    """Whether the caller is an owner in the dataset's organisation (the rule
+    ``check_dataset_owner`` enforces; views use it to decide what to show)."""
+    return principal.role == Role.OWNER and dataset.owner_org_id == principal.org_id
+
+
 def check_dataset_owner(principal: Principal, dataset: Dataset) -> None:
     """403 unless the caller is an owner in the dataset's organisation."""
     require_role(principal, Role.OWNER)

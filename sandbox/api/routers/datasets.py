@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
-from sandbox.api.ownership import check_dataset_owner
+from sandbox.api.ownership import can_own_dataset, check_dataset_owner
 from sandbox.api.uploads import receive_multipart
 from sandbox.datasets import catalog, lifecycle, mock
 from sandbox.datasets.schema import DatasetSchema
@@ -114,7 +114,7 @@ def dataset_view(session: Session, dataset: Dataset, principal: Principal) -> di
                                     .order_by(DatasetVersion.version)))
     latest = catalog.schema_of(versions[-1]) if versions else None
     owner = session.get(Organisation, dataset.owner_org_id)
-    is_owner = principal.org_id == dataset.owner_org_id
+    is_owner = can_own_dataset(principal, dataset)
     return {
         "name": dataset.name,
         "title": dataset.title,

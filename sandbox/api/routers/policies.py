@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep
-from sandbox.api.ownership import check_dataset_owner
+from sandbox.api.ownership import can_own_dataset, check_dataset_owner
 from sandbox.datasets import catalog
 from sandbox.db.models import Policy
 from sandbox.errors import NotFound
@@ -81,7 +81,7 @@ def list_policies(name: str, runtime: RuntimeDep,
                   principal: PrincipalDep) -> list[dict[str, Any]]:
     with runtime.db.transaction() as session:
         dataset = catalog.get_dataset(session, name)
-        if principal.org_id == dataset.owner_org_id:
+        if can_own_dataset(principal, dataset):
             rows = list(session.scalars(select(Policy).where(Policy.dataset_id == dataset.id)
                                         .order_by(Policy.version)))
         else:
