@@ -57,6 +57,7 @@ class DecryptedCache:
         self._items: OrderedDict[Key, _Entry] = OrderedDict()
         self._spare: list[PlainBuffer] = []  # wiped, kept for reuse
         self._loose: set[_Entry] = set()  # pinned but no longer (or never) cached
+        self._loading: list[PlainBuffer] = []  # given to a load not yet finished
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -89,8 +90,13 @@ class DecryptedCache:
         def allocate(size: int) -> PlainBuffer:
             with self._lock:
                 buffer = self._allocate(size)
+                self._loading.append(buffer)
             given.append(buffer)
             return buffer
+
+        def finished() -> None:  # callers hold the lock
+            for b in given:
+                self._loading.remove(b)
 
         try:
             buffer = load(allocate)
@@ -98,10 +104,12 @@ class DecryptedCache:
                 raise ValueError("load must return a buffer it allocated")
         except BaseException:
             with self._lock:
+                finished()
                 for b in given:
                     self._retire(b)
             raise
         with self._lock:
+            finished()
             self.misses += 1
             for b in given:
                 if b is not buffer:
@@ -118,7 +126,8 @@ class DecryptedCache:
 
     def _live_bytes(self) -> int:
         return (sum(e.buffer.size for e in self._items.values())
-                + sum(e.buffer.size for e in self._loose))
+                + sum(e.buffer.size for e in self._loose)
+                + sum(b.size for b in self._loading))
 
     def _fits(self, size: int) -> bool:
         return self._live_bytes() + sum(b.size for b in self._spare) + size <= self.max_bytes

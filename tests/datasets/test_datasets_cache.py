@@ -246,3 +246,24 @@ def test_envelope_loader_authenticates_into_the_buffer(tmp_path: Path) -> None:
             pytest.raises(ValueError, match="must be"):
         envelope.decrypt_into(bytearray(envelope.size + 1))
     cache.clear()
+
+
+def test_a_load_in_flight_counts_towards_the_cap() -> None:
+    cache = DecryptedCache(150)
+    inner: list[PlainBuffer] = []
+
+    def outer(allocate: Allocate) -> PlainBuffer:
+        buffer = allocate(100)
+        with buffer.view() as view:
+            view[:] = b"o" * 100
+        # another job loads meanwhile (as another thread would): the room is taken
+        with cache.use(("inner", 1, "h"), loader(b"i" * 100, inner)) as other:
+            assert contents(other) == b"i" * 100
+            assert cache.held == 200  # over the cap only while both jobs run
+        assert other.closed  # served that job only, then wiped and released
+        return buffer
+
+    with cache.use(("outer", 1, "h"), outer) as buffer:
+        assert contents(buffer) == b"o" * 100
+    assert cache.size == 100 and cache.held <= 150
+    cache.clear()
