@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import statistics
 import tempfile
 import time
@@ -145,6 +146,14 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where files go (disk)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-data-", dir=args.dir))
+    try:
+        run(args, work)
+    finally:  # also when interrupted: the working files hold generated plaintext
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Generate the data in ``work``, measure, print."""
     schema = enterprise_schema(args.rows)
     table = generate_enterprises(args.rows, seed=1)
     columns = table.column_names
@@ -229,9 +238,6 @@ def main() -> None:
     print(f"cold jobs that missed the cache: {misses} (every one)")
     for label, (mbps, seconds) in ingest.items():
         print(f"ingest {label}: {mbps:.0f} MB/s of input ({seconds:.1f} s, validate + encrypt)")
-    for path in work.iterdir():
-        path.unlink()
-    work.rmdir()
 
 
 if __name__ == "__main__":
