@@ -37,7 +37,6 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from sandbox.datasets import store
 from sandbox.datasets.cache import DecryptedCache, envelope_loader
@@ -157,9 +156,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
     schema = enterprise_schema(args.rows)
     table = generate_enterprises(args.rows, seed=1)
     columns = table.column_names
-    plain = work / "plain.parquet"
-    pq.write_table(table, plain, compression="zstd", row_group_size=1_048_576)
     enc = Encrypted(work, table, 2)
+    plain = work / "plain.parquet"  # the very Parquet bytes inside the envelopes
+    path, wrapped = enc.stored[0]
+    plain.write_bytes(store.decrypt_to_bytes(
+        path, enc.master.unwrap(wrapped, context=enc._context(0)), dataset_id="bench-0",
+        version=1))
     plain_handle = DatasetHandle(plain)
     cold_cache = DecryptedCache(enc.size)  # room for one: the two envelopes take turns
     warm_cache = DecryptedCache(enc.size)
