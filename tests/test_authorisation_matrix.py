@@ -25,6 +25,8 @@ CASES = [
      {"owner": 200, "analyst": 200, "reviewer": 200, "admin": 200}),
     ("GET", "/v1/datasets/enterprises/policies", None,
      {"owner": 200, "analyst": 200, "reviewer": 200, "admin": 200}),
+    ("GET", "/v1/datasets/enterprises/jobs", None,
+     {"owner": 200, "analyst": 403, "reviewer": 403, "admin": 403}),
     ("POST", "/v1/datasets/enterprises/policies", {"yaml": "dataset: x"},
      {"owner": 422, "analyst": 403, "reviewer": 403, "admin": 403}),
     ("POST", "/v1/datasets/enterprises/policies/1/approve", None,
@@ -120,3 +122,25 @@ def test_non_owners_of_the_owning_organisation_see_what_outsiders_see(ready: Api
     versions = colleague.get("/v1/datasets/enterprises").json()["versions"]
     assert all(v["row_count"] is None for v in versions)
     assert all(v["row_count"] for v in owner.get("/v1/datasets/enterprises").json()["versions"])
+
+
+def test_owners_see_the_jobs_on_their_datasets_but_never_outputs(world: tuple[Api, str]) -> None:
+    from fastapi.testclient import TestClient
+    from test_web_support import add_user
+
+    from sandbox.identity.service import Role
+
+    api, job_id = world
+    jobs = api.as_("owner").get("/v1/datasets/enterprises/jobs")
+    assert jobs.status_code == 200, jobs.text
+    (row,) = jobs.json()
+    assert row["id"] == job_id and row["organisation"] == "suzhou-analytics"
+    assert row["status"] == "pending_review" and row["kind"] == "query"
+    assert row["charged"] == pytest.approx(QUERY["epsilon"])
+    assert not {"result", "content", "outputs", "spec"} & set(row)
+    token = add_user(api, "other-owner", "another-bureau", Role.OWNER)
+    other = TestClient(api.app, headers={"Authorization": f"Bearer {token}"})
+    missing = other.get("/v1/datasets/enterprises/jobs")
+    assert missing.status_code == 404  # as if the dataset did not exist
+    absent = other.get("/v1/datasets/no-such-dataset/jobs").json()["detail"]
+    assert missing.json()["detail"] == absent.replace("no-such-dataset", "enterprises")

@@ -22,13 +22,13 @@ from sandbox.db.models import (
     Dataset,
     DatasetVersion,
     Job,
-    Organisation,
     Policy,
     Review,
     User,
 )
 from sandbox.identity.service import Principal, Role
 from sandbox.jobs.states import JobStatus
+from sandbox.jobs.summary import job_rows, org_names
 from sandbox.policies.model import PolicyDocument
 from sandbox.policies.service import document, policy_in_force
 from sandbox.privacy import ledger
@@ -36,10 +36,6 @@ from sandbox.review.signing import Signer
 from sandbox.web.outputs import ReleaseInfo, release_info
 
 LEVELS = {"L1": "public", "L2": "internal", "L3": "sensitive", "L4": "core (never queryable)"}
-
-
-def org_names(session: Session) -> dict[str, str]:
-    return dict(session.execute(select(Organisation.id, Organisation.name)).tuples().all())
 
 
 def user_names(session: Session, ids: set[str]) -> dict[str, str]:
@@ -119,29 +115,6 @@ def budget_view(session: Session, dataset: Dataset,
         orgs.append({"name": name, "granted": name in granted, "expires": granted.get(name),
                      **line})  # type: ignore[dict-item]
     return {**summary, "organisations": orgs, "has_policy": doc is not None}
-
-
-def charged_by_job(session: Session, job_ids: list[str]) -> dict[str, float]:
-    """What the ledger charged each job, in the budget's unit."""
-    if not job_ids:
-        return {}
-    rows = session.execute(select(BudgetCharge.job_id, func.sum(BudgetCharge.amount))
-                           .where(BudgetCharge.job_id.in_(job_ids))
-                           .group_by(BudgetCharge.job_id)).tuples().all()
-    return {job_id: float(amount or 0.0) for job_id, amount in rows}
-
-
-def job_rows(session: Session, jobs: list[Job]) -> list[dict[str, Any]]:
-    """One line per job for the job tables (state and cost; never output)."""
-    names = org_names(session)
-    datasets = dict(session.execute(select(Dataset.id, Dataset.name).where(
-        Dataset.id.in_({j.dataset_id for j in jobs}))).tuples().all()) if jobs else {}
-    charged = charged_by_job(session, [j.id for j in jobs])
-    return [{"id": j.id, "dataset": datasets.get(j.dataset_id, "?"),
-             "version": j.dataset_version, "kind": j.kind, "status": j.status,
-             "organisation": names.get(j.org_id, "?"), "created_at": j.created_at,
-             "finished_at": j.finished_at, "charged": charged.get(j.id),
-             "review_required": j.review_required} for j in jobs]
 
 
 def job_summary(session: Session, job: Job) -> dict[str, Any]:

@@ -11,13 +11,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from sandbox.api.deps import PrincipalDep, RuntimeDep, require_role
-from sandbox.api.ownership import can_own_dataset, check_dataset_owner
+from sandbox.api.ownership import (
+    can_own_dataset,
+    check_dataset_owner,
+    owned_dataset,
+    owned_jobs_query,
+)
 from sandbox.api.uploads import receive_multipart
 from sandbox.datasets import catalog, lifecycle, mock
 from sandbox.datasets.schema import DatasetSchema
-from sandbox.db.models import Dataset, DatasetVersion, Organisation
+from sandbox.db.models import Dataset, DatasetVersion, Job, Organisation
 from sandbox.errors import Invalid
 from sandbox.identity.service import Principal, Role
+from sandbox.jobs.summary import job_rows
 from sandbox.runtime import Runtime
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -105,6 +111,21 @@ def list_datasets(runtime: RuntimeDep, principal: PrincipalDep) -> list[dict[str
 def get_dataset(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     with runtime.db.transaction() as session:
         return dataset_view(session, catalog.get_dataset(session, name), principal)
+
+
+@router.get("/{name}/jobs", summary="Jobs on a dataset you own: state, kind, cost and the "
+                                    "asking organisation, newest first; never outputs (owner)")
+def dataset_jobs(name: str, runtime: RuntimeDep, principal: PrincipalDep,
+                 limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
+    require_role(principal, Role.OWNER)
+    with runtime.db.transaction() as session:
+        dataset = owned_dataset(session, principal, name)  # 404 for other organisations
+        rows = list(session.scalars(owned_jobs_query(principal)
+                                    .where(Job.dataset_id == dataset.id)
+                                    .order_by(Job.created_at.desc()).limit(limit)))
+        return [{**row, "created_at": row["created_at"].isoformat(),
+                 "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None}
+                for row in job_rows(session, rows)]
 
 
 def dataset_view(session: Session, dataset: Dataset, principal: Principal) -> dict[str, Any]:
