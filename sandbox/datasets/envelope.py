@@ -227,7 +227,8 @@ def decrypt_records(
     releases the GIL), each taking the next chunk not yet taken (a thread slowed by other
     load holds up at most one chunk). Every chunk is authenticated before the call
     returns; on the first failure the other threads stop taking chunks, and the call
-    raises once all of them have stopped writing to ``out``.
+    raises once all of them have stopped writing to ``out``, naming the lowest failed
+    chunk (the first bad one: chunks are taken in order and every taken chunk is tried).
     """
     out_view = memoryview(out)
     size = len(out_view)
@@ -253,6 +254,8 @@ def decrypt_records(
                 "swapped, truncated or dropped data, or the wrong data key)"
             ) from None
 
+    errors: dict[int, BaseException] = {}
+
     def run() -> None:
         while not failed.is_set():
             with take:
@@ -261,22 +264,23 @@ def decrypt_records(
                 return
             try:
                 one(i)
-            except BaseException:
+            except BaseException as exc:
+                errors[i] = exc
                 failed.set()
-                raise
+                return
 
     workers = max(1, min(threads, count))
     if workers == 1:
         run()
-        return
-    from concurrent.futures import ThreadPoolExecutor
+    else:
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(workers - 1) as pool:  # this thread is one of the workers
-        futures = [pool.submit(run) for _ in range(workers - 1)]
-        try:
+        with ThreadPoolExecutor(workers - 1) as pool:  # this thread is one of the workers
+            futures = [pool.submit(run) for _ in range(workers - 1)]
             run()
-        finally:
-            errors = [f.exception() for f in futures]  # waits for every thread
-    for error in errors:
-        if error is not None:
-            raise error
+            for future in futures:
+                future.result()  # waits for every thread
+    if errors:
+        # chunks are taken in order and a taken chunk is always tried, so the lowest
+        # failed index is the first bad chunk whichever thread noticed first
+        raise errors[min(errors)]

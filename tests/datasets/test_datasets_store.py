@@ -386,3 +386,20 @@ def test_million_rows_load_fast(big_table: tuple[pa.Table, float], tmp_path: Pat
     assert written < 3.0, f"write took {written:.2f} s"
     assert decrypted < 0.2, f"decrypting {len(buf) / 1e6:.0f} MB took {decrypted:.3f} s"
     assert elapsed < 1.0, f"load took {elapsed:.2f} s"
+
+
+def test_the_first_bad_chunk_is_named_whichever_thread_finds_one_first(
+    table: pa.Table, key: bytes, tmp_path: Path
+) -> None:
+    """Chunks are decrypted on two threads; the error still names the lowest bad chunk
+    (a later bad chunk may fail first on the other thread)."""
+    path = tmp_path / "d"
+    write(table, path, key)
+    spans = layout(path)
+    assert len(spans) >= 6
+    raw = bytearray(path.read_bytes())
+    for chunk in (2, 3, 5):
+        raw[spans[chunk][0] + 40] ^= 0x01  # a ciphertext byte of each of three chunks
+    path.write_bytes(bytes(raw))
+    for _ in range(20):
+        assert "chunk 2 of" in expect_integrity_error(path, key)
