@@ -179,9 +179,9 @@ class Prestart:
             return  # the next job starts one on the spot
         with self._lock:
             if self._ready is None and not self._closed:
-                self._ready, launcher = launcher, None  # type: ignore[assignment]
-        if launcher is not None:
-            launcher.discard()
+                self._ready = launcher
+                return
+        launcher.discard()  # one is waiting already, or the executor was closed
 
     def close(self) -> None:
         with self._lock:
