@@ -10,7 +10,12 @@ no other job's load can evict it mid-scan.
 Evicted buffers are wiped (zeroed) at once and their memory is kept, wiped, for the next
 load that fits in it: touching fresh memory costs page faults (expensive on virtual
 machines), reusing it does not. Kept memory counts towards ``max_bytes`` as well; it is
-released when a load needs the room. ``reap_orphans`` removes per-job plaintext
+released when a load needs the room. One exception to "wiped at once": a buffer evicted
+to make room for a load that promises to overwrite every byte it is given
+(``allocate(size, overwrite=True)``, as :func:`envelope_loader` does) goes to that load
+unwiped, because zeroing 145 MB only for the decryption to overwrite it costs as much as
+the decryption itself; the bytes beyond the new dataset's length are zeroed, and if the
+load fails the cache wipes the buffer. ``reap_orphans`` removes per-job plaintext
 directories that older versions of the worker left on tmpfs (their name carries the pid).
 """
 
@@ -24,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from sandbox.datasets import store
 from sandbox.datasets.plaintext import PlainBuffer
@@ -31,8 +37,17 @@ from sandbox.datasets.plaintext import PlainBuffer
 _PREFIX = "sbx-plain-"
 
 Key = tuple[str, int, str]
-#: ``allocate(size)``: a wiped buffer of exactly ``size`` bytes, owned by the cache.
-Allocate = Callable[[int], PlainBuffer]
+
+
+class Allocate(Protocol):
+    """``allocate(size)``: a wiped buffer of exactly ``size`` bytes, owned by the cache.
+
+    ``allocate(size, overwrite=True)``: the caller promises to overwrite all ``size``
+    bytes before it returns the buffer (or to raise); the buffer may then still hold a
+    dataset evicted for this load (never one in use), which saves wiping it first.
+    """
+
+    def __call__(self, size: int, *, overwrite: bool = False) -> PlainBuffer: ...
 
 
 @dataclass(eq=False)
@@ -47,7 +62,9 @@ class DecryptedCache:
 
     Contract: every buffer the cache hands out holds plaintext that ``load`` put there
     (so authenticated, if ``load`` authenticates); a buffer is wiped before its memory
-    serves another dataset, when it is evicted, when a load fails and on :meth:`clear`.
+    serves another dataset, when it is evicted, when a load fails and on :meth:`clear`,
+    except that an overwriting load (see :class:`Allocate`) may be given the evicted
+    memory unwiped, to overwrite; it is never handed out before that load returns.
     Buffers in use are never evicted; a dataset larger than the room left beside them is
     still served, for that job only, and wiped when the job releases it.
     """
@@ -87,9 +104,9 @@ class DecryptedCache:
     def _load(self, key: Key, load: Callable[[Allocate], PlainBuffer]) -> _Entry:
         given: list[PlainBuffer] = []
 
-        def allocate(size: int) -> PlainBuffer:
+        def allocate(size: int, *, overwrite: bool = False) -> PlainBuffer:
             with self._lock:
-                buffer = self._allocate(size)
+                buffer = self._allocate(size, overwrite)
                 self._loading.append(buffer)
             given.append(buffer)
             return buffer
@@ -132,10 +149,11 @@ class DecryptedCache:
     def _fits(self, size: int) -> bool:
         return self._live_bytes() + sum(b.size for b in self._spare) + size <= self.max_bytes
 
-    def _allocate(self, size: int) -> PlainBuffer:
-        """A wiped buffer of ``size`` bytes: reused spare memory when some fits, after
-        evicting unpinned datasets (LRU first) to make room; else a new buffer, after
-        releasing spare memory beyond the cap."""
+    def _allocate(self, size: int, overwrite: bool) -> PlainBuffer:
+        """A buffer of ``size`` bytes: reused spare memory when some fits, after evicting
+        unpinned datasets (LRU first) to make room; else a new buffer, after releasing
+        spare memory beyond the cap. Wiped, unless ``overwrite`` and it is the memory of
+        the dataset just evicted (its bytes beyond ``size`` are zeroed all the same)."""
         while True:
             fit = [b for b in self._spare if b.size >= size]
             if fit:
@@ -143,20 +161,29 @@ class DecryptedCache:
                 self._spare.remove(buffer)
                 buffer.shrink(size)
                 return buffer
-            if self._live_bytes() + size <= self.max_bytes or not self._evict_one():
+            if self._live_bytes() + size <= self.max_bytes:
                 break
+            evicted = self._evict_one()
+            if evicted is None:
+                break
+            if overwrite and evicted.size >= size:
+                evicted.shrink(size)
+                return evicted
+            self._retire(evicted)
         while self._spare and self._live_bytes() + sum(b.size for b in self._spare) \
                 + size > self.max_bytes:
             self._spare.pop(0).close()
         return PlainBuffer(size)
 
-    def _evict_one(self) -> bool:
+    def _evict_one(self) -> PlainBuffer | None:
+        """Drop the least recently used unpinned dataset from the cache and return its
+        buffer, not yet wiped (the caller retires it or hands it to an overwriting
+        load); ``None`` if every dataset is in use."""
         for key, entry in self._items.items():
             if entry.pins == 0:
                 del self._items[key]
-                self._retire(entry.buffer)
-                return True
-        return False
+                return entry.buffer
+        return None
 
     def _retire(self, buffer: PlainBuffer) -> None:
         """Wipe a buffer; keep its memory as spare if that fits under the cap."""
@@ -207,7 +234,8 @@ def envelope_loader(path: Path, data_key: Callable[[], bytes], *, dataset_id: st
         key = data_key()
         with store.open_envelope(path, key, dataset_id=dataset_id,
                                  version=version) as envelope:
-            plain = allocate(envelope.size)
+            # decrypt_into writes every byte, or zeroes them all and raises
+            plain = allocate(envelope.size, overwrite=True)
             with plain.view() as view:
                 envelope.decrypt_into(view)
         return plain

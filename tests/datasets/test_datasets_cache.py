@@ -166,6 +166,64 @@ def test_evicted_buffer_is_zeroed_at_once() -> None:
     cache.clear()
 
 
+def overwriting(data: bytes, fail: bool = False,
+                seen: list[bytes] | None = None) -> Callable[[Allocate], PlainBuffer]:
+    """A load that promises to overwrite every byte (like the envelope loader)."""
+    def load(allocate: Allocate) -> PlainBuffer:
+        buffer = allocate(len(data), overwrite=True)
+        if seen is not None:
+            seen.append(contents(buffer))
+        if fail:
+            raise IntegrityError("chunk 0 of 1 failed authentication")
+        with buffer.view() as view:
+            view[:] = data
+        return buffer
+    return load
+
+
+def test_an_overwriting_load_gets_the_evicted_memory_unwiped_but_nothing_beyond() -> None:
+    cache = DecryptedCache(100)
+    with cache.use(("a", 1, "h"), loader(b"a" * 100)) as a:
+        pass
+    seen: list[bytes] = []
+    with cache.use(("b", 1, "h"), overwriting(b"b" * 60, seen=seen)) as b:
+        assert b is a and b.size == 60
+        assert seen == [b"a" * 60]  # not zeroed first: the load overwrites it
+        assert contents(b) == b"b" * 60
+        os.lseek(int(b.proc_path.name), 0, os.SEEK_SET)
+        assert os.read(int(b.proc_path.name), 200) == b"b" * 60  # a's tail is gone
+    # a load that does not promise to overwrite still gets zeroed memory
+    with cache.use(("c", 1, "h"), loader(b"c" * 50)) as c:
+        assert c is a and contents(c) == b"c" * 50
+    cache.clear()
+
+
+def test_an_overwriting_load_that_fails_leaves_the_evicted_memory_wiped() -> None:
+    cache = DecryptedCache(100)
+    with cache.use(("a", 1, "h"), loader(b"a" * 100)) as a:
+        pass
+    with pytest.raises(IntegrityError), cache.use(("b", 1, "h"), overwriting(b"b" * 100,
+                                                                                fail=True)):
+        pass
+    assert cache.size == 0
+    assert a.closed or contents(a) == bytes(a.size)
+    with cache.use(("c", 1, "h"), loader(b"c" * 100)) as c:  # asserts it comes wiped
+        assert contents(c) == b"c" * 100
+    cache.clear()
+
+
+def test_evicted_memory_too_small_for_an_overwriting_load_is_wiped() -> None:
+    cache = DecryptedCache(130)
+    with cache.use(("a", 1, "h"), loader(b"a" * 50)) as a:
+        pass
+    with cache.use(("b", 1, "h"), loader(b"b" * 60)):
+        pass
+    with cache.use(("c", 1, "h"), overwriting(b"c" * 80)) as c:
+        assert c is not a and contents(c) == b"c" * 80
+        assert a.closed or contents(a) == bytes(a.size)
+    cache.clear()
+
+
 def test_buffers_in_use_are_not_evicted() -> None:
     cache = DecryptedCache(150)
     with cache.use(("a", 1, "h"), loader(b"a" * 100)) as a:
@@ -233,8 +291,8 @@ def test_envelope_loader_authenticates_into_the_buffer(tmp_path: Path) -> None:
     seen: list[PlainBuffer] = []
 
     def spying(allocate: Allocate) -> PlainBuffer:
-        def remember(size: int) -> PlainBuffer:
-            seen.append(allocate(size))
+        def remember(size: int, *, overwrite: bool = False) -> PlainBuffer:
+            seen.append(allocate(size, overwrite=overwrite))
             return seen[-1]
         return load(remember)
 
