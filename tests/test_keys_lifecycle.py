@@ -147,3 +147,70 @@ def test_orphaned_plaintext_is_reaped_at_start(ready: Api) -> None:
     (orphan / "data.parquet").write_bytes(b"x")
     ready.home.worker()
     assert not orphan.exists()
+
+
+def test_a_rotation_during_an_ingest_never_strands_the_new_version(
+        ready: Api, demo_files: tuple[Path, Path]) -> None:
+    """The data key of a version being ingested is wrapped at commit time, under the key
+    current then: a rotation that retires the old key mid-ingest cannot orphan it."""
+    from sandbox.datasets import catalog, store
+    from sandbox.datasets.schema import DatasetSchema
+    from sandbox.db.models import User
+    from sandbox.identity.service import Principal, Role
+
+    home = ready.home
+    data, schema_file = demo_files
+    with home.runtime.db.transaction() as session:
+        owner = session.scalar(select(User).where(User.role == "owner"))
+        assert owner is not None
+        principal = Principal(user_id=owner.id, name=owner.name, org_id=owner.org_id,
+                              role=Role.OWNER)
+        old_key = session.scalar(select(DatasetVersion.key_id))
+    rotations: list[str] = []
+
+    def rotate_once(_consumed: int) -> None:  # another process's `keys rotate --retire`
+        if not rotations:
+            rotation = rotate_master_key(home.runtime.db, home.runtime.keys, retire_old=True)
+            assert rotation.retired == (old_key,)
+            rotations.append(rotation.new_key_id)
+
+    dataset_id = catalog.register(
+        home.runtime.db, principal=principal,
+        schema=DatasetSchema.from_yaml(schema_file.read_text()), source=data,
+        data_dir=home.settings.data_dir, keys=home.runtime.keys, progress=rotate_once)
+    assert rotations, "the ingest reported no progress: the race was not exercised"
+    assert home.runtime.keys.key_ids() == rotations
+    with home.runtime.db.transaction() as session:
+        versions = list(session.scalars(select(DatasetVersion).order_by(DatasetVersion.version)))
+        assert [v.version for v in versions] == [1, 2]
+        assert {v.key_id for v in versions} == set(rotations)
+        for version in versions:
+            key = unwrap_data_key(version, home.runtime.keys)
+            plain = store.decrypt_to_bytes(home.settings.data_dir / version.storage_file, key,
+                                           dataset_id=dataset_id, version=version.version)
+            assert plain[:4] == b"PAR1"
+
+
+def test_keyring_lock_serialises_postgresql_transactions(pg_url: str) -> None:
+    from sqlalchemy import text
+
+    from sandbox.datasets.catalog import KEYRING_LOCK
+    from sandbox.db import Database, hold_lock
+    from sandbox.db.session import advisory_key
+
+    db = Database(pg_url)
+    try:
+        with db.engine.connect() as other:
+            def free() -> bool:
+                with other.begin():
+                    return bool(other.execute(text(
+                        "SELECT pg_try_advisory_xact_lock(CAST(:k AS bigint))"),
+                        {"k": advisory_key(KEYRING_LOCK)}).scalar())
+
+            assert free()
+            with db.transaction() as session:
+                hold_lock(session, KEYRING_LOCK)
+                assert not free()  # held until this transaction ends
+            assert free()
+    finally:
+        db.dispose()

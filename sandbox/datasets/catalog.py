@@ -25,7 +25,7 @@ from sandbox.datasets.ingest import iter_validated_batches
 from sandbox.datasets.keyring import Keyring
 from sandbox.datasets.keys import KeyUnavailable, new_data_key
 from sandbox.datasets.schema import DatasetSchema
-from sandbox.db import Database
+from sandbox.db import Database, hold_lock
 from sandbox.db.models import Dataset, DatasetVersion, new_id
 from sandbox.errors import Conflict, NotFound
 from sandbox.identity.service import Principal
@@ -33,6 +33,10 @@ from sandbox.privacy import ledger
 
 #: A file may decode to at most this many times its size (decompression bombs).
 PLAINTEXT_EXPANSION = 20
+
+#: Held by every transaction that wraps data keys or decides which master keys are in
+#: use (registration, rotation, retirement): see :func:`register`.
+KEYRING_LOCK = "sandbox.keyring"
 
 
 def key_context(dataset_id: str, version: int) -> bytes:
@@ -50,6 +54,10 @@ def register(db: Database, *, principal: Principal, schema: DatasetSchema, sourc
     dataset, version, budget account and audit events in one short transaction. A file
     rejected half-way, or a failed transaction, leaves no file and no rows. Returns the
     dataset id.
+
+    The data key is wrapped inside that transaction, under the master key that is
+    current then, with :data:`KEYRING_LOCK` held: a key rotation (with retirement) that
+    ran during the ingest cannot leave the new version wrapped under a destroyed key.
     """
     with db.transaction() as session:
         dataset = session.scalar(select(Dataset).where(Dataset.name == schema.name,
@@ -61,7 +69,6 @@ def register(db: Database, *, principal: Principal, schema: DatasetSchema, sourc
             select(func.max(DatasetVersion.version))
             .where(DatasetVersion.dataset_id == dataset_id)) or 0) + 1
     data_key = new_data_key()
-    master = keys.current()
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     target = data_dir / f"{dataset_id}-v{version}-{secrets.token_hex(4)}.sbxenc"
     info = store.write_encrypted_parquet(
@@ -71,6 +78,8 @@ def register(db: Database, *, principal: Principal, schema: DatasetSchema, sourc
         schema.arrow_schema(), target, data_key, dataset_id=dataset_id, version=version)
     try:
         with db.transaction() as session:
+            hold_lock(session, KEYRING_LOCK)
+            master = keys.current()
             if dataset is None:
                 session.add(Dataset(id=dataset_id, name=schema.name, title=schema.title,
                                     description=schema.description,

@@ -102,11 +102,18 @@ class LocalKeyring(Keyring):
 
     def create_next(self) -> KeyProvider:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        files = self._files()
-        generation = files[-1][0] + 1 if files else 1
-        provider = LocalKeyFileProvider.create(self.directory / f"master-{generation:04d}.key")
-        self._cache[provider.key_id] = provider
-        return provider
+        for _attempt in range(10):  # another process may take the same generation first
+            files = self._files()
+            generation = files[-1][0] + 1 if files else 1
+            try:
+                provider = LocalKeyFileProvider.create(
+                    self.directory / f"master-{generation:04d}.key")
+            except FileExistsError:
+                continue
+            self._cache[provider.key_id] = provider
+            return provider
+        raise FileExistsError(f"could not create a new master key in {self.directory}: "
+                              "other processes keep taking the next generation")
 
     def retire(self, key_id: str) -> None:
         provider = self.provider(key_id)

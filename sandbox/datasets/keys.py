@@ -117,9 +117,13 @@ class LocalKeyFileProvider(KeyProvider):
         """Write a new random master key to ``path`` (mode 0600) and open it.
 
         Refuses to overwrite: raises ``FileExistsError`` if ``path`` exists.  The parent
-        directory must exist.  On a write failure the partial file is removed.
+        directory must exist.  The key appears at ``path`` whole or not at all (written
+        and synced under a temporary name, then hard-linked into place), so another
+        process listing the directory never reads a partial key; on a failure the
+        temporary file is removed.
         """
         path = Path(path)
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
         flags = (
             os.O_WRONLY
             | os.O_CREAT
@@ -127,24 +131,28 @@ class LocalKeyFileProvider(KeyProvider):
             | getattr(os, "O_CLOEXEC", 0)
             | getattr(os, "O_NOFOLLOW", 0)
         )
+        if path.exists():
+            raise FileExistsError(f"refusing to overwrite existing master key file {str(path)!r}")
+        fd = os.open(temp, flags, 0o600)
         try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise FileExistsError(
-                f"refusing to overwrite existing master key file {str(path)!r}"
-            ) from None
-        try:
-            os.fchmod(fd, 0o600)
-            key = secrets.token_bytes(DATA_KEY_BYTES)
-            view = memoryview(key)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+            try:
+                os.fchmod(fd, 0o600)
+                key = secrets.token_bytes(DATA_KEY_BYTES)
+                view = memoryview(key)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, path)  # atomic, and fails if the name exists
+            except FileExistsError:
+                raise FileExistsError(
+                    f"refusing to overwrite existing master key file {str(path)!r}"
+                ) from None
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
         return cls(path)
 
     @property
@@ -182,3 +190,16 @@ class LocalKeyFileProvider(KeyProvider):
 
     def __repr__(self) -> str:
         return f"LocalKeyFileProvider(path={str(self._path)!r}, key_id={self._key_id!r})"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new directory entry durable (best effort where directories cannot be
+    opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,9 +19,9 @@ from pathlib import Path
 from sqlalchemy import select
 
 from sandbox.audit import record
-from sandbox.datasets.catalog import key_context, unwrap_data_key
+from sandbox.datasets.catalog import KEYRING_LOCK, key_context, unwrap_data_key
 from sandbox.datasets.keyring import Keyring
-from sandbox.db import Database
+from sandbox.db import Database, hold_lock
 from sandbox.db.models import Dataset, DatasetVersion, utcnow
 
 
@@ -34,9 +34,14 @@ class Rotation:
 
 def rotate_master_key(db: Database, keys: Keyring, *, retire_old: bool,
                       actor_id: str | None = None) -> Rotation:
-    """Create a new master key, rewrap every data key under it, optionally retire old keys."""
+    """Create a new master key, rewrap every data key under it, optionally retire old keys.
+
+    Safe beside registrations in other processes: the rewrap transaction holds
+    :data:`~sandbox.datasets.catalog.KEYRING_LOCK`, so a version registered before it
+    is rewrapped and one registered after it is wrapped under the new key."""
     new = keys.create_next()
     with db.transaction() as session:
+        hold_lock(session, KEYRING_LOCK)
         versions = list(session.scalars(select(DatasetVersion).where(
             DatasetVersion.wrapped_key.is_not(None), DatasetVersion.key_id != new.key_id)))
         for version in versions:
@@ -53,9 +58,14 @@ def rotate_master_key(db: Database, keys: Keyring, *, retire_old: bool,
 
 
 def retire_unused(db: Database, keys: Keyring, *, actor_id: str | None = None) -> list[str]:
-    """Destroy every master key but the current one that no live data key refers to."""
-    current = keys.current().key_id
+    """Destroy every master key but the current one that no live data key refers to.
+
+    Keys in use are read with :data:`~sandbox.datasets.catalog.KEYRING_LOCK` held, and a
+    registration wraps under the key current when it holds that lock, never an older
+    one; so no version can come to need a key retired here."""
     with db.transaction() as session:
+        hold_lock(session, KEYRING_LOCK)
+        current = keys.current().key_id
         in_use = set(session.scalars(select(DatasetVersion.key_id).where(
             DatasetVersion.wrapped_key.is_not(None))))
         retired = [k for k in keys.key_ids() if k != current and k not in in_use]

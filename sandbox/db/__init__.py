@@ -1,5 +1,5 @@
 """The metadata database: models, engines, transactions, migrations."""
 
-from sandbox.db.session import Database
+from sandbox.db.session import Database, hold_lock
 
-__all__ = ["Database"]
+__all__ = ["Database", "hold_lock"]

@@ -8,6 +8,7 @@ PostgreSQL uses its defaults (fsync on) and explicit row locks where order matte
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -77,6 +78,22 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def hold_lock(session: Session, name: str) -> None:
+    """Hold the database-wide lock ``name`` until ``session``'s transaction ends, so that
+    transactions taking the same lock run one after another. PostgreSQL: a
+    transaction-scoped advisory lock (a later statement sees what the previous holder
+    committed). SQLite: nothing to do, every transaction is ``BEGIN IMMEDIATE`` and so
+    already runs alone among writers."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(name)})
+
+
+def advisory_key(name: str) -> int:
+    """The PostgreSQL advisory-lock key (a signed 64-bit integer) for lock ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

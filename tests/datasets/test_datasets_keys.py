@@ -108,3 +108,55 @@ def test_data_keys(provider: LocalKeyFileProvider) -> None:
     assert len(keys) == 100 and all(len(k) == 32 for k in keys)
     with pytest.raises(ValueError, match="32 bytes"):
         provider.wrap(b"short", context=CTX)
+
+
+def test_a_key_appears_whole_or_not_at_all(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed write leaves neither the key nor its temporary file; another process
+    listing the directory (the keyring matches ``master-NNNN.key``) never sees a partial
+    key, because the file is complete before it gets its name."""
+    from sandbox.datasets.keyring import LocalKeyring
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        LocalKeyFileProvider.create(tmp_path / "master-0001.key")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    seen_while_writing: list[list[str]] = []
+    real_write = os.write
+
+    def spying_write(fd: int, data: bytes) -> int:
+        seen_while_writing.append(LocalKeyring(tmp_path).key_ids())
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spying_write)
+    provider = LocalKeyFileProvider.create(tmp_path / "master-0001.key")
+    assert seen_while_writing == [[]]  # the keyring saw no key while it was written
+    assert [p.name for p in tmp_path.iterdir()] == ["master-0001.key"]
+    assert LocalKeyring(tmp_path).key_ids() == [provider.key_id]
+
+
+def test_keyring_takes_the_next_generation_when_another_process_took_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.datasets.keyring import LocalKeyring
+
+    ring = LocalKeyring.create(tmp_path)
+    real = LocalKeyring._files
+    calls = [0]
+
+    def stale(self: LocalKeyring) -> list[tuple[int, Path]]:  # listed before the other wrote
+        calls[0] += 1
+        files = real(self)
+        if calls[0] == 1:
+            LocalKeyFileProvider.create(tmp_path / "master-0002.key")  # the other process
+        return files
+
+    monkeypatch.setattr(LocalKeyring, "_files", stale)
+    new = ring.create_next()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "master-0001.key", "master-0002.key", "master-0003.key"]
+    assert ring.current().key_id == new.key_id
