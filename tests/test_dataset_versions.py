@@ -1,0 +1,66 @@
+"""Versions are immutable: a new upload is a new version, and jobs keep the version they
+were submitted against."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import QUERY, Api
+from sqlalchemy import select
+
+from sandbox.datasets.generator import write_demo_files
+from sandbox.db.models import DatasetVersion
+
+
+def _versions(api: Api) -> list[tuple[int, str, bytes | None, str, int]]:
+    with api.home.runtime.db.transaction() as session:
+        return [(v.version, v.ciphertext_sha256, v.wrapped_key, v.storage_file,
+                 v.plaintext_bytes)
+                for v in session.scalars(select(DatasetVersion)
+                                         .order_by(DatasetVersion.version))]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_new_upload_is_a_new_version_and_the_old_one_is_untouched(
+        ready: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.jobs.worker as worker_module
+
+    data_dir = ready.home.settings.data_dir
+    [first] = _versions(ready)
+    first_file = _digest(data_dir / first[3])
+    analyst = ready.as_("analyst")
+    on_v1 = analyst.post("/v1/jobs", json={"query": QUERY})
+    assert on_v1.status_code == 201 and on_v1.json()["dataset_version"] == 1
+
+    ready.register(write_demo_files(tmp_path / "v2", 5_000, 11))  # the owner's new upload
+    versions = _versions(ready)
+    assert [v[0] for v in versions] == [1, 2]
+    assert versions[0] == first  # the row (hash, wrapped key, file, size) is unchanged
+    assert _digest(data_dir / first[3]) == first_file == first[1]  # and so is the file
+    assert versions[1][3] != first[3] and versions[1][4] < first[4]
+    detail = ready.as_("owner").get("/v1/datasets/enterprises").json()
+    assert [(v["version"], v["row_count"]) for v in detail["versions"]] == [(1, 20_000),
+                                                                            (2, 5_000)]
+    on_v2 = analyst.post("/v1/jobs", json={"query": QUERY})
+    assert on_v2.status_code == 201 and on_v2.json()["dataset_version"] == 2
+
+    scanned: list[int] = []  # the plaintext size of what each job's engine scanned
+    real = worker_module.DatasetHandle
+
+    def spy(source: object) -> object:
+        scanned.append(source.size)  # type: ignore[attr-defined]
+        return real(source)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module, "DatasetHandle", spy)
+    worker = ready.home.worker()
+    assert worker.run_once() and worker.run_once()
+    assert scanned == [first[4], versions[1][4]]  # each job read its own version
+    for job in (on_v1, on_v2):
+        status = analyst.get(f"/v1/jobs/{job.json()['id']}").json()
+        assert status["status"] == "pending_review", status
+    worker.cache.clear()
