@@ -1,5 +1,6 @@
-"""Versions are immutable: a new upload is a new version, and jobs keep the version they
-were submitted against."""
+"""Registration: versions are immutable (a new upload is a new version, and jobs keep the
+version they were submitted against), and a file that decodes to far more than its size
+is refused."""
 
 from __future__ import annotations
 
@@ -64,3 +65,38 @@ def test_a_new_upload_is_a_new_version_and_the_old_one_is_untouched(
         status = analyst.get(f"/v1/jobs/{job.json()['id']}").json()
         assert status["status"] == "pending_review", status
     worker.cache.clear()
+
+
+def test_registration_refuses_a_decompression_bomb_and_stores_nothing(
+        ready: Api, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sandbox.datasets import catalog
+    from sandbox.datasets.generator import enterprise_schema
+    from sandbox.datasets.ingest import IngestError
+    from sandbox.db.models import User
+    from sandbox.identity.service import Principal, Role
+
+    one = {"enterprise_id": "E0000000001", "city": "Nanjing", "industry": "manufacturing",
+           "employees": 10, "annual_revenue": 100.0, "tax_paid": 5.0, "founded_year": 2000}
+    rows = 1_000_000
+    bomb = tmp_path / "bomb.parquet"  # one row a million times: a few KB of zstd Parquet
+    pq.write_table(pa.table({k: [v] * rows for k, v in one.items()}), bomb,
+                   compression="zstd")
+    size = bomb.stat().st_size
+    assert size * catalog.PLAINTEXT_EXPANSION < rows * 50  # decodes to far more
+    home = ready.home
+    with home.runtime.db.transaction() as session:
+        owner = session.scalar(select(User).where(User.role == "owner"))
+        assert owner is not None
+    principal = Principal(user_id=owner.id, name=owner.name, org_id=owner.org_id,
+                          role=Role.OWNER)
+    stored = set(home.settings.data_dir.iterdir())
+    schema = enterprise_schema(rows)
+    with pytest.raises(IngestError, match="decoded data exceeds the limit"):
+        catalog.register(home.runtime.db, principal=principal, schema=schema, source=bomb,
+                         data_dir=home.settings.data_dir, keys=home.runtime.keys,
+                         max_bytes=size)
+    assert set(home.settings.data_dir.iterdir()) == stored
+    assert [v[0] for v in _versions(ready)] == [1]
