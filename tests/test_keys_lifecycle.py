@@ -272,3 +272,44 @@ def test_keyring_lock_serialises_postgresql_transactions(pg_url: str) -> None:
             assert free()
     finally:
         db.dispose()
+
+
+def test_a_starting_worker_reserves_memory_for_the_largest_dataset(
+        ready: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.jobs.worker as worker_module
+
+    home = ready.home
+    with home.runtime.db.transaction() as session:
+        size = session.scalar(select(DatasetVersion.plaintext_bytes))
+    worker = home.worker()
+    assert worker.reserve_cache_memory() == size
+    [reserved] = worker.cache._spare  # type: ignore[attr-defined]
+    used: list[object] = []
+    real = worker_module.DatasetHandle
+    monkeypatch.setattr(worker_module, "DatasetHandle",
+                        lambda source: used.append(source) or real(source))
+    job_id = _submit(ready)
+    assert worker.run_once()
+    assert _status(ready, job_id)["status"] == "pending_review"
+    assert used == [reserved]  # the first job decrypted into the memory faulted in ahead
+    worker.cache.clear()
+    assert ready.as_("owner").delete("/v1/datasets/enterprises").status_code == 200
+    assert home.worker().reserve_cache_memory() == 0  # nothing live: nothing reserved
+
+
+def test_run_forever_reserves_in_the_background_and_releases_at_stop(ready: Api) -> None:
+    import threading
+    import time
+
+    worker = ready.home.worker()
+    loop = threading.Thread(target=worker.run_forever)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while worker.cache.held == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.cache.held > 0
+    finally:
+        worker.stop()
+        loop.join(timeout=30)
+    assert not loop.is_alive() and worker.cache.held == 0

@@ -194,6 +194,30 @@ class DecryptedCache:
         else:
             buffer.close()
 
+    def reserve(self, size: int) -> bool:
+        """Fault in ``size`` bytes of zeroed memory now and keep it as spare, so that the
+        first load that fits in it touches no fresh memory (on a virtual machine that
+        costs more than the decryption). For a worker's start, before jobs arrive.
+        ``False`` (nothing reserved) when that would go over ``max_bytes``."""
+        if size <= 0:
+            return False
+        with self._lock:
+            if not self._fits(size):
+                return False
+            buffer = PlainBuffer(size)  # no pages yet; counts towards the cap at once
+            self._loading.append(buffer)
+        try:
+            buffer.wipe()  # writes every page: faults them all in, outside the lock
+        except BaseException:
+            with self._lock:
+                self._loading.remove(buffer)
+            buffer.close()
+            raise
+        with self._lock:
+            self._loading.remove(buffer)
+            self._spare.append(buffer)
+        return True
+
     def clear(self) -> None:
         """Wipe and release every buffer not in use; buffers in use are wiped and
         released when their job ends."""

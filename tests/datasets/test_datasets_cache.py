@@ -325,3 +325,30 @@ def test_a_load_in_flight_counts_towards_the_cap() -> None:
         assert contents(buffer) == b"o" * 100
     assert cache.size == 100 and cache.held <= 150
     cache.clear()
+
+
+def test_reserved_memory_serves_the_first_load_that_fits() -> None:
+    cache = DecryptedCache(300)
+    assert cache.reserve(200)
+    assert cache.held == 200 and cache.size == 0
+    [reserved] = cache._spare  # type: ignore[attr-defined]
+    with cache.use(("a", 1, "h"), loader(b"a" * 150)) as a:  # the loader asserts zeroes
+        assert a is reserved and a.size == 150
+    assert not cache.reserve(200)  # 150 cached + 200 > 300: nothing reserved
+    assert cache.held == 150
+    assert not cache.reserve(0)
+    cache.clear()
+    assert cache.held == 0 and reserved.closed
+
+
+def test_a_failed_reserve_holds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = DecryptedCache(300)
+
+    def broken(self: PlainBuffer) -> None:
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(PlainBuffer, "wipe", broken)
+    with pytest.raises(MemoryError):
+        cache.reserve(100)
+    monkeypatch.undo()
+    assert cache.held == 0
