@@ -27,6 +27,8 @@ def _nothing_stored(api: Api) -> None:
         assert session.scalar(select(func.count()).select_from(DatasetVersion)) == 0
     assert list(home.settings.data_dir.iterdir()) == []
     assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith("sbx-upload-")]
+    spool = home.settings.effective_upload_spool_dir  # the encrypted upload spool
+    assert not spool.is_dir() or list(spool.iterdir()) == []
 
 
 def test_bad_csv_names_row_and_column_and_stores_nothing(api: Api, demo_files) -> None:

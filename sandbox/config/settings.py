@@ -27,6 +27,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8765
     max_upload_bytes: int = 2 * 1024**3
+    upload_spool_dir: Path | None = Field(
+        default=None, description="ordinary-disk directory where uploads are spooled "
+        "encrypted under a per-upload key held only in memory; default <home>/upload-spool")
+    max_concurrent_uploads: int = Field(
+        default=4, ge=1, description="uploads received or ingested at once per API process "
+        "(503 with Retry-After beyond it)")
+    upload_idle_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="longest wait for the next piece of an upload body "
+                                        "(408)")
+    upload_min_bytes_per_second: int = Field(
+        default=64 * 1024, ge=0, description="slowest average upload rate allowed once the "
+        "grace period is over (408); 0 turns the check off")
+    upload_rate_grace_seconds: float = Field(
+        default=10.0, ge=0, description="time an upload may take before the minimum rate "
+                                        "applies")
     max_request_bytes: int = Field(default=1024 * 1024,
                                    description="JSON request bodies (uploads have their own cap)")
     submissions_per_minute: int = Field(default=60, description="per organisation (429)")
@@ -56,10 +71,10 @@ class Settings(BaseSettings):
         default=Path("/dev/shm"), description="RAM-backed directory for transient plaintext"
     )
 
-    @field_validator("home", "tmpfs_dir")
+    @field_validator("home", "tmpfs_dir", "upload_spool_dir")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value.expanduser().resolve()
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
 
     @property
     def effective_database_url(self) -> str:
@@ -76,6 +91,12 @@ class Settings(BaseSettings):
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+    @property
+    def effective_upload_spool_dir(self) -> Path:
+        """Where uploads are spooled, encrypted: the configured directory or
+        ``<home>/upload-spool`` (ordinary disk beside the data, not tmpfs)."""
+        return self.upload_spool_dir or self.home / "upload-spool"
 
 
 @lru_cache(maxsize=1)

@@ -282,21 +282,50 @@ def reap_orphans(tmpfs_dir: Path) -> int:
     return removed
 
 
-def reap_stale_uploads(tmpfs_dir: Path, older_than: float = 3600.0) -> int:
-    """Remove upload spool directories left by a crashed API (plaintext in RAM)."""
+def reap_stale_uploads(directory: Path, older_than: float = 3600.0) -> int:
+    """Remove upload spool directories (``sbx-upload-*``) in ``directory`` that no live
+    upload owns; returns how many.
+
+    An encrypted spool (:mod:`sandbox.datasets.spool`, ``sbx-upload-<pid>-<random>``) is
+    locked (``flock``) by its process while open, and the kernel drops the lock when the
+    process dies however it dies; an unlocked one is removed: its key died with the
+    process, so its files are ciphertext nobody can read and only take disk space. (The
+    pid in the name is for people: a restarted container may reuse it.) Directories
+    without a pid (the plaintext tmpfs spools of earlier versions) are removed when
+    untouched for ``older_than`` seconds.
+    """
     import time
     removed = 0
-    if not tmpfs_dir.is_dir():
+    if not directory.is_dir():
         return 0
-    for entry in tmpfs_dir.iterdir():
-        if entry.name.startswith("sbx-upload-"):
-            try:
-                if time.time() - entry.stat().st_mtime > older_than:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed += 1
-            except FileNotFoundError:
-                continue
+    for entry in directory.iterdir():
+        if not entry.name.startswith("sbx-upload-"):
+            continue
+        pid, dash, _ = entry.name.removeprefix("sbx-upload-").partition("-")
+        try:
+            if dash and pid.isdigit():
+                stale = not _spool_in_use(entry)
+            else:
+                stale = time.time() - entry.stat().st_mtime > older_than
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
     return removed
+
+
+def _spool_in_use(directory: Path) -> bool:
+    """Whether some process holds the lock of an upload spool directory."""
+    import fcntl
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if we took it
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -46,6 +46,7 @@ from sandbox.datasets.checks import (
 )
 from sandbox.datasets.csv_reader import CSV_BLOCK_BYTES, iter_csv_pieces
 from sandbox.datasets.schema import ColumnSpec, ColumnType, DatasetSchema
+from sandbox.datasets.spool import open_plaintext
 
 __all__ = ["IngestError", "iter_validated_batches", "read_validated"]
 
@@ -119,7 +120,7 @@ def iter_validated_batches(
     is_csv = suffix in _CSV_SUFFIXES
     fh = _open(path, max_bytes)
     with fh:
-        size = os.fstat(fh.fileno()).st_size
+        size = fh.seek(0, os.SEEK_END)
 
         def pieces(columns: list[str] | None) -> Iterator[tuple[Piece, int]]:
             if is_csv:
@@ -179,19 +180,21 @@ def iter_validated_batches(
 
 
 def _open(path: Path, max_bytes: int | None) -> BinaryIO:
-    """Open a regular file for reading, checking its size against ``max_bytes``."""
+    """Open a regular file for reading, checking its size against ``max_bytes``. A file of
+    an open encrypted upload spool is opened through its decrypting reader."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise IngestError(f"{path.name} is not a regular file")
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the caller
+        spooled = open_plaintext(path)
+        fh = open(path, "rb") if spooled is None else spooled  # noqa: SIM115 - closed by caller
     except OSError as exc:
         raise IngestError(f"cannot read file {path.name}: {exc.strerror or exc}") from None
-    st = os.fstat(fh.fileno())
+    size = fh.seek(0, os.SEEK_END)
     problem = None
-    if not stat.S_ISREG(st.st_mode):
+    if spooled is None and not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
         problem = f"{path.name} is not a regular file"
-    elif max_bytes is not None and st.st_size > max_bytes:
-        problem = f"the file is {st.st_size} bytes, larger than the limit of {max_bytes} bytes"
+    elif max_bytes is not None and size > max_bytes:
+        problem = f"the file is {size} bytes, larger than the limit of {max_bytes} bytes"
     if problem:
         fh.close()
         raise IngestError(problem)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,16 +20,30 @@ from sandbox.api.ownership import (
     owned_dataset,
     owned_jobs_query,
 )
-from sandbox.api.uploads import receive_multipart
+from sandbox.api.uploads import UploadLimits, no_space, receive_multipart
 from sandbox.datasets import catalog, lifecycle, mock
+from sandbox.datasets.cache import reap_stale_uploads
 from sandbox.datasets.schema import DatasetSchema
+from sandbox.datasets.spool import SpoolIntegrityError
 from sandbox.db.models import Dataset, DatasetVersion, Job, Organisation
 from sandbox.errors import Invalid
 from sandbox.identity.service import Principal, Role
 from sandbox.jobs.summary import job_rows
 from sandbox.runtime import Runtime
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+log = logging.getLogger("sandbox.api.datasets")
+
+
+@asynccontextmanager
+async def _reap_upload_spool(app: FastAPI) -> AsyncIterator[None]:
+    """At start: remove the encrypted upload spools of crashed API processes (unreadable:
+    their keys died with them) to free the disk."""
+    runtime: Runtime = app.state.runtime
+    reap_stale_uploads(runtime.settings.effective_upload_spool_dir)
+    yield
+
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], lifespan=_reap_upload_spool)
 
 _FORMATS = {"csv": ".csv", "parquet": ".parquet", "pq": ".parquet"}
 
@@ -35,11 +52,15 @@ _FORMATS = {"csv": ".csv", "parquet": ".parquet", "pq": ".parquet"}
 async def register_dataset(request: Request, runtime: RuntimeDep,
                            principal: PrincipalDep) -> dict[str, Any]:
     """Multipart form: ``schema`` (YAML text) and ``data`` (a CSV or Parquet file),
-    optionally ``format`` (``csv`` or ``parquet``; otherwise taken from the file name)."""
+    optionally ``format`` (``csv`` or ``parquet``; otherwise taken from the file name).
+
+    The file is spooled to disk encrypted under a key held only in memory, then
+    validated and stored; the spool is removed in every case. Upload limits (413, 408,
+    503, 507) are those of :func:`~sandbox.api.uploads.receive_multipart`."""
     require_role(principal, Role.OWNER)
     settings = runtime.settings
-    async with receive_multipart(request, tmp_root=settings.tmpfs_dir,
-                                 max_bytes=settings.max_upload_bytes) as upload:
+    async with receive_multipart(request, spool_root=settings.effective_upload_spool_dir,
+                                 limits=UploadLimits.from_settings(settings)) as upload:
         if "schema" not in upload.fields or "data" not in upload.files:
             raise HTTPException(422, "the form needs a 'schema' field and a 'data' file")
         schema = DatasetSchema.from_yaml(upload.fields["schema"].decode("utf-8", "replace"))
@@ -48,7 +69,7 @@ async def register_dataset(request: Request, runtime: RuntimeDep,
         if fmt not in _FORMATS:
             raise HTTPException(422, "format: give 'csv' or 'parquet' (or a file name ending "
                                      "in .csv or .parquet)")
-        source = upload.files["data"].rename(upload.files["data"].with_suffix(_FORMATS[fmt]))
+        source = upload.files["data"].with_suffix(_FORMATS[fmt])
         return await asyncio.to_thread(_register, runtime, principal, schema, source)
 
 
@@ -59,10 +80,21 @@ def _register(runtime: Runtime, principal: Principal, schema: DatasetSchema,
         if org is None or schema.owner_organisation != org.name:
             raise Invalid(f"schema.owner_organisation: must be your organisation "
                           f"{org.name if org else '?'!r}")
-    dataset_id = catalog.register(runtime.db, principal=principal, schema=schema,
-                                  source=source, data_dir=runtime.settings.data_dir,
-                                  keys=runtime.keys,
-                                  max_bytes=runtime.settings.max_upload_bytes)
+    try:
+        dataset_id = catalog.register(runtime.db, principal=principal, schema=schema,
+                                      source=source, data_dir=runtime.settings.data_dir,
+                                      keys=runtime.keys,
+                                      max_bytes=runtime.settings.max_upload_bytes)
+    except SpoolIntegrityError as exc:  # changed on disk while the request ran
+        log.error("%s", exc)
+        raise HTTPException(500, f"{exc}; nothing was stored, upload again") from None
+    except OSError as exc:
+        if not no_space(exc):
+            raise
+        log.warning("dataset store write failed: %s (%s)", exc.strerror, exc.filename or "")
+        raise HTTPException(507, "no space left on the server to store the dataset; "
+                                 "nothing was stored, retry later or ask the administrator "
+                                 "to free space in the data directory") from None
     with runtime.db.transaction() as session:
         dataset = session.get(Dataset, dataset_id)
         assert dataset is not None
