@@ -100,3 +100,15 @@ def test_registration_refuses_a_decompression_bomb_and_stores_nothing(
                          max_bytes=size)
     assert set(home.settings.data_dir.iterdir()) == stored
     assert [v[0] for v in _versions(ready)] == [1]
+
+
+def test_a_public_row_count_is_per_version(ready: Api, tmp_path: Path) -> None:
+    data, schema = write_demo_files(tmp_path / "v2", 5_000, 11)
+    text = schema.read_text()
+    assert "row_count_public: false" in text
+    schema.write_text(text.replace("row_count_public: false", "row_count_public: true"))
+    ready.register((data, schema))
+    analyst = ready.as_("analyst").get("/v1/datasets/enterprises").json()
+    # v2 is marked public; v1 was registered private and stays so
+    assert [(v["version"], v["row_count"]) for v in analyst["versions"]] == [(1, None),
+                                                                             (2, 5_000)]

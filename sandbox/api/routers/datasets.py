@@ -161,7 +161,9 @@ def dataset_jobs(name: str, runtime: RuntimeDep, principal: PrincipalDep,
 
 
 def dataset_view(session: Session, dataset: Dataset, principal: Principal) -> dict[str, Any]:
-    """Metadata only. The exact row count shows only to the owner or when marked public."""
+    """Metadata only. A version's exact row count shows only to the owner, or when that
+    version's own schema marks it public (marking a new version public does not reveal
+    the counts of earlier versions)."""
     versions = list(session.scalars(select(DatasetVersion)
                                     .where(DatasetVersion.dataset_id == dataset.id)
                                     .order_by(DatasetVersion.version)))
@@ -176,7 +178,7 @@ def dataset_view(session: Session, dataset: Dataset, principal: Principal) -> di
         "schema": latest.model_dump(mode="json") if latest else None,
         "versions": [
             {"version": v.version, "created_at": v.created_at.isoformat(),
-             "row_count": v.row_count if (is_owner or (latest and latest.row_count_public))
+             "row_count": v.row_count if (is_owner or catalog.schema_of(v).row_count_public)
              else None}
             for v in versions
         ],
