@@ -199,6 +199,39 @@ def _small_filesystem(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def test_disk_full_errors_are_507_without_root(api: Api, csv_and_schema,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same answers where no small file system can be mounted: the spool's writes
+    (then the store's) fail as a full disk does."""
+    import errno
+
+    from sandbox.datasets import spool, store
+
+    csv, schema = csv_and_schema
+    write = spool.SpoolWriter.write
+
+    def filling(self: spool.SpoolWriter, data: bytes) -> int:
+        if self.size > 300_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return write(self, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(spool.SpoolWriter, "write", filling)
+        response = asyncio.run(_post(api, _chunks(_head(schema) + csv + TAIL, 65536, 0)))
+    assert response.status_code == 507, response.text
+    assert "after" in response.json()["detail"] and str(api.home.settings.home) \
+        not in response.json()["detail"]
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(store, "_write_parquet", full)
+    response = asyncio.run(_post(api, _head(schema) + csv + TAIL))
+    assert response.status_code == 507, response.text
+    assert "to store the dataset" in response.json()["detail"]
+    _assert_nothing_left(api)
+
+
 def test_full_spool_disk_is_507_not_malformed(api: Api, csv_and_schema, tmp_path: Path) -> None:
     csv, schema = csv_and_schema
     with _small_filesystem(tmp_path / "spool", "256k") as spool:
