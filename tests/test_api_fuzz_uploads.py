@@ -148,16 +148,21 @@ _UPLOAD_CASE_NAMES = list(_upload_cases(b"name: x\n", b"").keys())
 def test_upload_malformed(upload_world: tuple[Api, bytes, bytes], name: str) -> None:
     api, schema_text, data = upload_world
     headers, body = _upload_cases(schema_text, data)[name]
-    tmpfs = api.home.settings.tmpfs_dir
-    before = set(tmpfs.glob("sbx-upload-*"))
+    settings = api.home.settings
+    places = (settings.tmpfs_dir, settings.effective_upload_spool_dir)
+
+    def spools() -> set[Path]:  # uploads are plaintext (tmpfs) or its ciphertext (spool)
+        return {entry for place in places for entry in place.glob("sbx-upload-*")}
+
+    before = spools()
     error: Exception | None = None
     try:
         response = api.as_("owner").post("/v1/datasets", content=body, headers=headers)
     except Exception as exc:
         error = exc
-    # Upload parts are plaintext: nothing may stay on tmpfs. Remove what leaked (so later
-    # tests that look at tmpfs are not blamed), then fail on it.
-    leaked = sorted(str(d) for d in set(tmpfs.glob("sbx-upload-*")) - before)
+    # Nothing of an upload may stay behind. Remove what leaked (so later tests that look
+    # there are not blamed), then fail on it.
+    leaked = sorted(str(d) for d in spools() - before)
     for directory in leaked:
         shutil.rmtree(directory, ignore_errors=True)
     if error is not None:
@@ -167,7 +172,7 @@ def test_upload_malformed(upload_world: tuple[Api, bytes, bytes], name: str) -> 
                              ) from error
     assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
     assert response.json().get("detail"), response.text
-    assert not leaked, f"upload temp directories left on tmpfs: {leaked}"
+    assert not leaked, f"upload spool directories left behind: {leaked}"
 
 
 @pytest.mark.parametrize("role", ["analyst", "reviewer", "admin"])

@@ -40,7 +40,10 @@ def create_app(runtime: Runtime) -> FastAPI:
                               "reviewed results come out. Authenticate with "
                               "`Authorization: Bearer <token>`.")
     app.state.runtime = runtime
-    reap_stale_uploads(runtime.settings.tmpfs_dir)  # orphans of a crashed API
+    # what crashed API processes left: upload spools (unreadable, their keys died with
+    # the process) and the plaintext upload directories of older versions on tmpfs
+    reap_stale_uploads(runtime.settings.effective_upload_spool_dir)
+    reap_stale_uploads(runtime.settings.tmpfs_dir)
     metrics = Metrics()
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
 

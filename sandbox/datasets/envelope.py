@@ -98,10 +98,13 @@ class EncryptingSink:
     """Write-only binary file object: seals every ``chunk_size`` bytes written as one
     record and appends it to ``out``; :meth:`finish` seals the final chunk.
 
-    ``pq.ParquetWriter`` writes to it through ``write`` and ``tell``.
+    ``pq.ParquetWriter`` writes to it through ``write`` and ``tell``. With ``checksum``
+    (the default) :attr:`hasher` is the SHA-256 of everything written to ``out``; without
+    it (upload spools, which keep no checksum) it is ``None`` and no time goes to it.
     """
 
-    def __init__(self, out: BinaryIO, prefix: bytes, data_key: bytes, chunk_size: int) -> None:
+    def __init__(self, out: BinaryIO, prefix: bytes, data_key: bytes, chunk_size: int,
+                 *, checksum: bool = True) -> None:
         self._out = out
         self._digest = hashlib.sha256(prefix).digest()
         self._aead = AESGCM(bytes(data_key))
@@ -109,7 +112,7 @@ class EncryptingSink:
         self._pending = bytearray(chunk_size)  # plaintext not yet sealed
         self._fill = 0
         self._record = bytearray(NONCE + chunk_size + TAG)
-        self.hasher = hashlib.sha256(prefix)
+        self.hasher = hashlib.sha256(prefix) if checksum else None
         self.position = 0  # plaintext bytes written
         self.chunks = 0
         self.closed = False
@@ -162,7 +165,8 @@ class EncryptingSink:
         record[:NONCE] = nonce
         plain = memoryview(self._pending)[:n]
         self._aead.encrypt_into(nonce, plain, aad(self._digest, self.chunks, final), record[NONCE:])
-        self.hasher.update(record)
+        if self.hasher is not None:
+            self.hasher.update(record)
         self._out.write(record)
         self.chunks += 1
         self._fill = 0

@@ -146,6 +146,7 @@ def write_encrypted_parquet(
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(out_path.parent)
+    assert sink.hasher is not None  # made with checksum=True
     return StoredFileInfo(
         path=out_path,
         ciphertext_sha256=sink.hasher.hexdigest(),

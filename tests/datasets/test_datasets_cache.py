@@ -352,3 +352,14 @@ def test_a_failed_reserve_holds_nothing(monkeypatch: pytest.MonkeyPatch) -> None
         cache.reserve(100)
     monkeypatch.undo()
     assert cache.held == 0
+
+
+def test_plaintext_directory_must_be_ram_backed() -> None:
+    from sandbox.datasets.cache import check_ram_filesystem, filesystem_type
+    from sandbox.errors import Conflict
+
+    check_ram_filesystem(Path("/dev/shm"))  # tmpfs: accepted
+    disk = Path(__file__).resolve().parent  # the checkout: on disk
+    assert filesystem_type(disk) not in ("tmpfs", "ramfs")
+    with pytest.raises(Conflict, match=r"not\s+tmpfs/ramfs"):
+        check_ram_filesystem(disk)

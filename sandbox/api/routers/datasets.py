@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -22,7 +20,6 @@ from sandbox.api.ownership import (
 )
 from sandbox.api.uploads import UploadLimits, no_space, receive_multipart
 from sandbox.datasets import catalog, lifecycle, mock
-from sandbox.datasets.cache import reap_stale_uploads
 from sandbox.datasets.schema import DatasetSchema
 from sandbox.datasets.spool import SpoolIntegrityError
 from sandbox.db.models import Dataset, DatasetVersion, Job, Organisation
@@ -34,16 +31,7 @@ from sandbox.runtime import Runtime
 log = logging.getLogger("sandbox.api.datasets")
 
 
-@asynccontextmanager
-async def _reap_upload_spool(app: FastAPI) -> AsyncIterator[None]:
-    """At start: remove the encrypted upload spools of crashed API processes (unreadable:
-    their keys died with them) to free the disk."""
-    runtime: Runtime = app.state.runtime
-    reap_stale_uploads(runtime.settings.effective_upload_spool_dir)
-    yield
-
-
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], lifespan=_reap_upload_spool)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 _FORMATS = {"csv": ".csv", "parquet": ".parquet", "pq": ".parquet"}
 
