@@ -20,10 +20,10 @@ import polars as pl
 import pyarrow.csv as pcsv
 import pytest
 from conftest import Api
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from test_upload_limits import BOUNDARY, TAIL, _head, _post, _small_filesystem, _spools
 
+from sandbox.api.app import create_app
 from sandbox.cli.home import initialise
 from sandbox.config import Settings
 from sandbox.datasets.generator import enterprise_schema, generate_enterprises
@@ -86,8 +86,8 @@ def test_stale_spools_are_reaped_at_start(api: Api) -> None:
     stale = root / f"sbx-upload-{dead_pid}-abcdefgh"
     stale.mkdir(parents=True)
     (stale / "part-1.csv").write_bytes(b"SBXSPL1\n...")
-    with TestClient(api.app):  # runs the application's start-up
-        assert not stale.exists()
+    create_app(api.home.runtime)  # an API process starting
+    assert not stale.exists()
 
 
 # -- memory ----------------------------------------------------------------------------
