@@ -26,15 +26,17 @@ open on the last line of a file without a final newline, is checked on that line
 
 Lines end with LF or CRLF.  Blank lines are skipped, except in a one-column file, where
 an empty line is a null value.  Errors name the GLOBAL data row (and line, for
-ragged rows and quoting) across blocks; invalid UTF-8 is reported with row, column and
+ragged rows and quoting) across blocks: rows are data rows counted from 1 as pyarrow
+counts them (blank lines not counted), lines are the file's physical lines (the header
+is line 1), both found by :func:`_walk`.  Invalid UTF-8 is reported with row, column and
 byte offset, never with the bytes themselves.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO, NamedTuple
@@ -62,7 +64,8 @@ _CONVERSION_RE = re.compile(
 # is not closed on its line matches nothing, so the record does not match.
 _QUOTED = rb'"(?:[^"\r\n]|"")*+"[^,\r\n]*+'
 _FIELD = re.compile(rb"(?>" + _QUOTED + rb'|[^",\r\n][^,\r\n]*+|)')
-_RECORD = re.compile(_FIELD.pattern + rb"(?:," + _FIELD.pattern + rb")*+(?:\r\n|\n|\r|\Z)")
+_LINE_END = rb"(?:\r\n|\n|\r|\Z)"
+_RECORD = re.compile(_FIELD.pattern + rb"(?:," + _FIELD.pattern + rb")*+" + _LINE_END)
 _QUOTE_ADVICE = (
     'is not closed on that line (a quote inside a quoted value must be doubled: ""; '
     "line breaks inside quoted values are not supported)"
@@ -99,6 +102,13 @@ class _Blocks:
         if self.eof:
             return self.have
         return self.buf.rfind(b"\n", 0, self.have) + 1
+
+
+@functools.lru_cache(maxsize=8)
+def _record_of(fields: int) -> re.Pattern[bytes]:
+    """A record of exactly ``fields`` fields (``fields`` >= 1)."""
+    more = rb"(?:," + _FIELD.pattern + rb"){%d}" % (fields - 1)
+    return re.compile(_FIELD.pattern + more + _LINE_END)
 
 
 def _convert_options(schema: DatasetSchema, columns: list[str] | None) -> pcsv.ConvertOptions:
@@ -227,9 +237,13 @@ class _Where:
             return f"column {q(self.header[field])}"
         return f"field {field + 1} (the header has {len(self.header)} columns)"
 
+    def row(self, spot: _Spot) -> int:
+        """The global 1-based data row of a spot found by :func:`_walk` in the block."""
+        return self.rows_before + spot.rows + 1
+
     def place(self, spot: _Spot) -> str:
         """``row R, column "c"`` of a spot found by :func:`_walk` in the block."""
-        return f"row {self.rows_before + spot.rows + 1}, {self.column(spot.field)}"
+        return f"row {self.row(spot)}, {self.column(spot.field)}"
 
     def line_of(self, block: memoryview, offset: int) -> int:
         """The 1-based file line holding byte ``offset`` of ``block``."""
@@ -260,28 +274,39 @@ def _parse(
 
 class _Spot(NamedTuple):
     """A place found by :func:`_walk`: ``rows`` data rows precede its record, which starts
-    at byte ``record``; it is in 0-based field ``field``, at byte ``offset``."""
+    at byte ``record``; it is in 0-based field ``field``, at byte ``offset``.  For a
+    ragged record, ``got`` is its number of fields (and ``offset`` is ``record``)."""
 
     rows: int
     record: int
     field: int
     offset: int
+    got: int = 0
 
 
-def _walk(data: bytes | memoryview, *, count_empty: bool, until: int | None = None) -> _Spot | None:
+def _walk(
+    data: bytes | memoryview,
+    *,
+    count_empty: bool,
+    until: int | None = None,
+    fields: int | None = None,
+) -> _Spot | None:
     """Read the records of ``data`` (bytes-like, starting at a line start) as pyarrow
     does, and return the first of: a quoted field not closed on its line (``offset`` is
-    its opening quote), or the field holding byte ``until``.  None if there is neither.
-    Rows are counted as pyarrow counts them (blank lines only if ``count_empty``).
+    its opening quote), the field holding byte ``until``, or (if ``fields`` is given) a
+    record without exactly ``fields`` fields.  None if there is none of these.  Rows are
+    counted as pyarrow counts them (blank lines only if ``count_empty``).
 
     Error path only: a regular-expression match and a little Python per record.
     """
     pos, rows, end = 0, 0, len(data)
+    record_re = _RECORD if fields is None else _record_of(fields)
     while pos < end:
-        match = _RECORD.match(data, pos)
+        blank = data[pos] in b"\r\n"
+        match = (_RECORD if blank and not count_empty else record_re).match(data, pos)
         if match is None or (until is not None and match.end() > until):
             break
-        if count_empty or data[pos] not in b"\r\n":
+        if count_empty or not blank:
             rows += 1
         pos = match.end()
     else:
@@ -294,7 +319,9 @@ def _walk(data: bytes | memoryview, *, count_empty: bool, until: int | None = No
             return _Spot(rows, record, field, until)
         if stop < end and data[stop] == 0x22:  # a field opening with a quote did not match
             return _Spot(rows, record, field, stop)
-        if stop >= end or data[stop] != 0x2C:  # the record ends before ``until``
+        if stop >= end or data[stop] != 0x2C:  # the record ends (before ``until``)
+            if fields is not None and field + 1 != fields:
+                return _Spot(rows, record, field, record, got=field + 1)
             return None
         pos, field = stop + 1, field + 1
 
@@ -400,30 +427,18 @@ def _explain(
         return error
     header, schema = where.header, where.schema
     if "CSV parse error" in msg:
-        first: list[Any] = []
-
-        def handler(row: Any) -> str:
-            first.append(row)
-            return "error"
-
-        # Single-threaded re-parse of the block: pyarrow then reports the line number.
-        with contextlib.suppress(pa.ArrowInvalid):
-            pcsv.read_csv(
-                pa.BufferReader(pa.py_buffer(block)),
-                read_options=pcsv.ReadOptions(column_names=header, use_threads=False),
-                parse_options=_parse_options(header, invalid_row_handler=handler),
-                convert_options=pcsv.ConvertOptions(
-                    column_types=dict.fromkeys(header, pa.string())
-                ),
-            )
-        if first and first[0].number is not None:
-            row = first[0]
-            line = where.lines_before + row.number
+        # A ragged row (the only parse error left): counted by the walk, as the quote
+        # and UTF-8 errors are (pyarrow's row number skips blank lines, per block).
+        spot = _walk(block, count_empty=where.count_empty, fields=len(header))
+        if spot is not None and spot.got:
             return IngestError(
-                f"row {line - 1} (line {line}): expected {row.expected_columns} "
-                f"columns, got {row.actual_columns}"
+                f"row {where.row(spot)} (line {where.line_of(block, spot.record)}): "
+                f"expected {len(header)} columns, got {spot.got}"
             )
-        return IngestError(f"malformed CSV: {msg.split(':', 2)[-1].strip()[:120]}")
+        # Not found by the walk (not expected); pyarrow's message ends with the row's
+        # text, which is data: only the reason is kept.
+        reason = msg.partition("CSV parse error")[2].strip(": ").partition(":")[0]
+        return IngestError(f"malformed CSV: {reason[:120]}")
     match = _CONVERSION_RE.match(msg)
     if match and int(match.group(1)) < len(header):
         name, value = header[int(match.group(1))], match.group(3)

@@ -279,3 +279,139 @@ def test_line_break_in_a_value_is_refused_at_its_row(
     write_texts(path, texts)
     with pytest.raises(IngestError, match=rf'^row {row + 1}, column "text": {UNTERMINATED}'):
         read(path, TEXT_SCHEMA, block)
+
+
+# -- ragged rows, blank lines and line ends (catalogue item 58) -----------------------
+
+RAGGED_SCHEMA = DatasetSchema.from_dict(
+    {
+        "name": "ragged",
+        "title": "Ragged",
+        "owner_organisation": "test-org",
+        "privacy_unit": {"id_column": None},
+        "max_rows": 10_000,
+        "columns": [
+            {"name": "id", "type": "int", "bounds": [0, 10_000]},
+            {"name": "n", "type": "int", "bounds": [0, 10_000]},
+            {"name": "text", "type": "str", "nullable": True},
+        ],
+    }
+)
+#: Block sizes for the small ragged files: the bad row in the first block, in a later
+#: one, right after the blank lines, and the defaults.
+RAGGED_BLOCKS = [12, 14, 16, 20, 24, 32, *BLOCKS]
+
+
+@pytest.mark.parametrize("block", RAGGED_BLOCKS)
+def test_ragged_row_after_blank_lines_names_its_data_row_and_line(
+    write_csv: WriteCsv, block: int
+) -> None:
+    """The reviewer's case: blank lines are not rows, but they are lines."""
+    path = write_csv([], raw=b"id,n,text\n1,1,a\n\n\n2,2,b,X\n")
+    with pytest.raises(IngestError, match=r"^row 2 \(line 5\): expected 3 columns, got 4$"):
+        read(path, RAGGED_SCHEMA, block)
+
+
+def ragged_file(end: str, bad: str) -> tuple[bytes, int, int]:
+    """40 rows of ``id,text`` with blank lines before and after row 23, which is ``bad``:
+    the file, and that row's data-row number and line."""
+    lines = ["id,text"]
+    for i in range(1, 41):
+        if i in (3, 10, 23, 24, 31):
+            lines += ["", ""] if i == 23 else [""]
+        lines.append(bad if i == 23 else f'{i},"text, {i}"')
+    return (end.join(lines) + end + end).encode(), 23, lines.index(bad) + 1
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("end", ["\n", "\r\n"])
+@pytest.mark.parametrize(
+    ("bad", "got"), [('23,"a,b",x', 3), ("23,x,y,z", 4), ("23", 1), ('"23, x"', 1)]
+)
+def test_ragged_row_between_blank_lines(
+    write_csv: WriteCsv, block: int, end: str, bad: str, got: int
+) -> None:
+    data, row, line = ragged_file(end, bad)
+    assert line == 28  # the header, 22 rows and 4 blank lines before it
+    with pytest.raises(
+        IngestError, match=rf"^row {row} \(line {line}\): expected 2 columns, got {got}$"
+    ):
+        read(write_csv([], raw=data), TEXT_SCHEMA, block)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_ragged_row_in_a_one_column_file_counts_empty_lines(
+    write_csv: WriteCsv, block: int
+) -> None:
+    """In a one-column file an empty line is a row (a null), so it is counted."""
+    schema = DatasetSchema.from_dict(
+        {
+            "name": "notes",
+            "title": "Notes",
+            "owner_organisation": "test-org",
+            "privacy_unit": {"id_column": None},
+            "max_rows": 100,
+            "columns": [{"name": "text", "type": "str", "nullable": True}],
+        }
+    )
+    path = write_csv([], raw=raw(["text", "a", "", "", '"b, c"', "d,e", "f"]))
+    with pytest.raises(IngestError, match=r"^row 5 \(line 6\): expected 1 columns, got 2$"):
+        read(path, schema, block)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("end", ["\n", "\r\n"])
+def test_unparsable_value_after_blank_lines(write_csv: WriteCsv, block: int, end: str) -> None:
+    data, _, _ = ragged_file(end, "23,fine")
+    data = data.replace(b'\n30,"text', b'\nzz,"text')
+    with pytest.raises(IngestError, match=r'^row 30, column "id": cannot parse'):
+        read(write_csv([], raw=data), TEXT_SCHEMA, block)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_nul_byte_after_blank_lines_names_its_line(write_csv: WriteCsv, block: int) -> None:
+    data, _, line = ragged_file("\r\n", "23,n\x00l")
+    with pytest.raises(IngestError, match=rf"^NUL byte at line {line} \(byte offset"):
+        read(write_csv([], raw=data), TEXT_SCHEMA, block)
+
+
+_RAGGED_TEXTS = st.lists(st.text(_CHARS, max_size=10), min_size=1, max_size=30)
+
+
+@_PROPERTY
+@given(
+    texts=_RAGGED_TEXTS,
+    blanks=st.lists(st.integers(0, 3), min_size=31, max_size=31),
+    where=st.integers(0, 29),
+    extra=st.sampled_from([("", 1), (',"x,y"', 3), (",z,", 4), (",,", 4)]),
+    end=st.sampled_from(["\n", "\r\n"]),
+    block=st.integers(64, 400) | st.just(8 * 1024 * 1024),
+)
+def test_ragged_row_is_named_by_data_row_and_line(
+    tmp_path: Path,
+    texts: list[str],
+    blanks: list[int],
+    where: int,
+    extra: tuple[str, int],
+    end: str,
+    block: int,
+) -> None:
+    """A valid CSV with blank lines anywhere and one row made ragged (a field too few or
+    one or more too many): the error names that row's data-row number (blank lines not
+    counted) and its physical line, whatever the block size."""
+    bad, (tail, got) = where % len(texts), extra
+    lines = ["id,text"]
+    for i, text in enumerate(texts):
+        lines += [""] * blanks[i]
+        value = '"' + text.replace('"', '""') + '"'
+        lines.append(f"{i + 1}" if i == bad and not tail else f"{i + 1},{value}")
+        if i == bad:
+            lines[-1] += tail
+            line = len(lines)
+    lines += [""] * blanks[-1]
+    path = tmp_path / "p.csv"
+    path.write_bytes((end.join(lines) + end).encode())
+    with pytest.raises(
+        IngestError, match=rf"^row {bad + 1} \(line {line}\): expected 2 columns, got {got}$"
+    ):
+        read(path, TEXT_SCHEMA, block)
