@@ -3,22 +3,27 @@ concurrency limits.
 
 Uploaded datasets are plaintext and may be larger than RAM. Starlette's own form parser
 spools large files to the default temp directory (usually persistent disk, in the
-clear), so this parser handles ``multipart/form-data`` itself: small form fields stay in
-memory (at most :data:`MAX_FIELD_BYTES` each) and every file part is sealed as it arrives
-into an :class:`~sandbox.datasets.spool.UploadSpool` on ordinary disk, under a fresh key
-held only in this process's memory. The spool is removed when the ``async with`` ends,
-whatever happened (success, a refused upload, a disconnect, a cancelled request).
+clear), so :class:`~sandbox.api.upload_form.FormParser` handles ``multipart/form-data``
+itself: only the parts the endpoint declares are accepted (anything else is 400 at its
+headers), small text fields stay in memory (capped each and together) and the declared
+file part is sealed as it arrives into an :class:`~sandbox.datasets.spool.UploadSpool`
+on ordinary disk, under a fresh key held only in this process's memory. The spool is
+removed when the ``async with`` ends, whatever happened (success, a refused upload, a
+disconnect, a cancelled request), and never while a thread started with
+:func:`run_to_end` may still read it.
 
 Limits, each answered before anything is stored, and each naming its setting:
 
 * 413: the body is larger than ``max_bytes`` (by ``Content-Length``, or while streaming);
-* 408: no body data for ``idle_timeout`` seconds, or, once ``grace`` seconds have
-  passed, an average rate since the start below ``min_rate`` bytes/s (a slow-loris
-  client cannot hold a connection and a spool for long: an upload of ``n`` bytes must
-  finish within ``max(grace, n / min_rate)`` seconds);
+* 408: no body data for ``idle_timeout`` seconds; or, once ``grace`` seconds have
+  passed, an average rate since the start below ``min_rate`` bytes/s (an upload of ``n``
+  bytes must finish within ``max(grace, n / min_rate)`` seconds); or the body is not
+  complete after ``max_seconds`` whatever its rate (a client cannot hold a slot for
+  hours by sending in bursts just often enough);
 * 503 with ``Retry-After``: ``max_concurrent`` uploads are already being received or
   ingested by this process (each may hold a spool of up to ``max_bytes`` on disk and an
-  ingest's memory);
+  ingest's memory), or ``max_concurrent_per_owner`` of them are the same
+  organisation's (so one organisation cannot take every slot);
 * 507: no space left for the spool (declared length over the free space, or the disk
   filling while writing).
 """
@@ -33,26 +38,29 @@ import shutil
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal, TypeVar
 
+import anyio
 from fastapi import HTTPException, Request
-from python_multipart.decoders import Base64Decoder, QuotedPrintableDecoder
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
+from sandbox.api.upload_form import MAX_FIELD_BYTES, FormParser, FormSpec, Upload
 from sandbox.config import Settings
-from sandbox.datasets.spool import SpoolFile, SpoolWriter, UploadSpool
+from sandbox.datasets.spool import UploadSpool
+
+__all__ = ["MAX_FIELD_BYTES", "FormSpec", "Upload", "UploadLimits", "UploadSlots",
+           "no_space", "receive_multipart", "run_to_end", "upload_slots"]
 
 log = logging.getLogger("sandbox.api.uploads")
 
-MAX_FIELD_BYTES = 1024 * 1024
 #: Seconds a client is told to wait when every upload slot is taken.
 RETRY_AFTER_SECONDS = 30
 #: ``OSError`` numbers that mean "no room": the disk or a quota is full.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_IDENTITY_ENCODINGS = frozenset({b"", b"7bit", b"8bit", b"binary"})
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,9 @@ class UploadLimits:
     idle_timeout: float = 30.0
     min_rate: float = 64 * 1024.0
     grace: float = 10.0
+    max_seconds: float = 7200.0
     max_concurrent: int = 4
+    max_concurrent_per_owner: int = 2
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UploadLimits:
@@ -71,37 +81,43 @@ class UploadLimits:
                    idle_timeout=settings.upload_idle_timeout_seconds,
                    min_rate=float(settings.upload_min_bytes_per_second),
                    grace=settings.upload_rate_grace_seconds,
-                   max_concurrent=settings.max_concurrent_uploads)
-
-
-@dataclass
-class Upload:
-    """A received form: text fields in memory, file parts as encrypted spool files
-    (readable through :meth:`SpoolFile.open` or, by path, by ingest), and the file
-    names the client gave."""
-
-    fields: dict[str, bytes] = field(default_factory=dict)
-    files: dict[str, SpoolFile] = field(default_factory=dict)
-    filenames: dict[str, str] = field(default_factory=dict)
+                   max_seconds=settings.upload_max_seconds,
+                   max_concurrent=settings.max_concurrent_uploads,
+                   max_concurrent_per_owner=settings.max_concurrent_uploads_per_org)
 
 
 class UploadSlots:
-    """How many uploads this application is receiving or ingesting (thread-safe)."""
+    """How many uploads this application is receiving or ingesting, in all and per
+    owner (an organisation id); thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.active = 0
+        self.by_owner: dict[str, int] = {}
 
-    def try_acquire(self, limit: int) -> bool:
+    def try_acquire(self, owner: str, limit: int, per_owner: int
+                    ) -> Literal["owner", "total"] | None:
+        """Take a slot for ``owner``: ``None`` when taken, else the limit that is full
+        (``"owner"``: ``owner`` already has ``per_owner``; ``"total"``: ``limit`` in all).
+        """
         with self._lock:
+            if self.by_owner.get(owner, 0) >= per_owner:
+                return "owner"
             if self.active >= limit:
-                return False
+                return "total"
             self.active += 1
-            return True
+            self.by_owner[owner] = self.by_owner.get(owner, 0) + 1
+            return None
 
-    def release(self) -> None:
+    def release(self, owner: str) -> None:
+        """Give back a slot taken for ``owner``."""
         with self._lock:
             self.active -= 1
+            left = self.by_owner[owner] - 1
+            if left:
+                self.by_owner[owner] = left
+            else:
+                del self.by_owner[owner]
 
 
 _SLOTS_LOCK = threading.Lock()
@@ -123,15 +139,18 @@ def no_space(exc: OSError) -> bool:
 
 
 @asynccontextmanager
-async def receive_multipart(request: Request, *, spool_root: Path,
-                            limits: UploadLimits) -> AsyncIterator[Upload]:
-    """Parse a ``multipart/form-data`` body within ``limits``; file parts are spooled
-    encrypted under ``spool_root`` and exist only inside the ``async with``.
+async def receive_multipart(request: Request, *, spool_root: Path, limits: UploadLimits,
+                            form: FormSpec, owner: str) -> AsyncIterator[Upload]:
+    """Parse a ``multipart/form-data`` body of the parts ``form`` declares, within
+    ``limits``, for ``owner`` (the organisation whose slot share it counts against);
+    file parts are spooled encrypted under ``spool_root`` and exist only inside the
+    ``async with``.
 
     Raises ``HTTPException``: 415 (not multipart), 413, 408, 503, 507 (module
-    docstring), 400 (a malformed body, or the client went away). On any of them, and
-    whatever the body of the ``async with`` does, the spool is removed and the upload
-    slot released.
+    docstring), 400 (a malformed body, a part ``form`` does not declare or sent twice, or
+    the client went away). On any of them, and whatever the body of the ``async with``
+    does, the spool is removed and then the upload slot released, both only once the
+    body has finished (see :func:`run_to_end` for threads it starts).
     """
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
@@ -141,11 +160,9 @@ async def receive_multipart(request: Request, *, spool_root: Path,
     if declared is not None and declared > limits.max_bytes:
         raise HTTPException(413, f"upload is larger than the cap of {limits.max_bytes} bytes")
     slots = upload_slots(request)
-    if not slots.try_acquire(limits.max_concurrent):
-        raise HTTPException(
-            503, f"too many uploads in progress (at most {limits.max_concurrent} at once, "
-                 "SANDBOX_MAX_CONCURRENT_UPLOADS); retry later",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    full = slots.try_acquire(owner, limits.max_concurrent, limits.max_concurrent_per_owner)
+    if full is not None:
+        raise _slots_full(full, limits)
     try:
         try:
             spool = UploadSpool(spool_root)
@@ -156,7 +173,7 @@ async def receive_multipart(request: Request, *, spool_root: Path,
             upload = Upload()
             received = 0
             try:
-                parser = _FormParser(spool, params[b"boundary"], upload)
+                parser = FormParser(spool, params[b"boundary"], upload, form)
                 async for chunk in _paced(request, limits):
                     received += len(chunk)
                     if received > limits.max_bytes:
@@ -175,7 +192,46 @@ async def receive_multipart(request: Request, *, spool_root: Path,
                 raise HTTPException(400, "malformed multipart/form-data body") from None
             yield upload
     finally:
-        slots.release()
+        slots.release(owner)
+
+
+def _slots_full(which: Literal["owner", "total"], limits: UploadLimits) -> HTTPException:
+    """503 naming the limit that is reached."""
+    if which == "owner":
+        detail = (f"too many uploads in progress for your organisation (at most "
+                  f"{limits.max_concurrent_per_owner} at once per organisation, "
+                  "SANDBOX_MAX_CONCURRENT_UPLOADS_PER_ORG); retry when one of them ends")
+    else:
+        detail = (f"too many uploads in progress (at most {limits.max_concurrent} at once, "
+                  "SANDBOX_MAX_CONCURRENT_UPLOADS); retry later")
+    return HTTPException(503, detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+async def run_to_end(func: Callable[[threading.Event], T]) -> T:
+    """``func(stop)`` in a worker thread; its result or exception.
+
+    If the awaiting task is cancelled (the client went away, a server shutting down),
+    ``stop`` is set, so that ``func`` can give up at its next check, and the cancellation
+    is held until the thread has ended, then re-raised: a thread never outlives the
+    request, so what it reads (an upload spool) and the upload slot are released only
+    after it. The wait is shielded from further cancellation (anyio's repeated delivery
+    included) and sleeps: it does not spin.
+    """
+    stop = threading.Event()
+    future = asyncio.ensure_future(asyncio.to_thread(func, stop))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        with anyio.CancelScope(shield=True):
+            while not future.done():
+                try:
+                    await asyncio.wait({future})
+                except asyncio.CancelledError:  # a plain task.cancel() again: still wait
+                    continue
+        if not future.cancelled():
+            future.exception()  # retrieved: not logged as "never retrieved"
+        raise
 
 
 def _check_room(spool_root: Path, declared: int | None) -> None:
@@ -209,36 +265,50 @@ def _spool_error(exc: OSError, received: int) -> HTTPException:
 
 async def _paced(request: Request, limits: UploadLimits) -> AsyncIterator[bytes]:
     """The request body, chunk by chunk, raising 408 when the client stalls for
-    ``idle_timeout`` seconds or, after ``grace`` seconds, averages under ``min_rate``
-    bytes/s. Waits are real timeouts: a silent client is cut off on time."""
+    ``idle_timeout`` seconds, when after ``grace`` seconds it averages under ``min_rate``
+    bytes/s, or when the body is not complete after ``max_seconds``. Waits are real
+    timeouts: a silent client is cut off on time."""
     loop = asyncio.get_running_loop()
     stream = request.stream()
     start = loop.time()
+    deadline = start + limits.max_seconds
     received = 0
     try:
         while True:
+            now = loop.time()
             # the rate check fails at start + max(grace, received / min_rate)
             rate_deadline = (start + max(limits.grace, received / limits.min_rate)
                              if limits.min_rate > 0 else math.inf)
-            rate_wait = rate_deadline - loop.time()
-            if rate_wait <= 0:
-                raise _too_slow(received, loop.time() - start, limits)
+            if now >= deadline:
+                raise _too_long(received, limits)
+            if now >= rate_deadline:
+                raise _too_slow(received, now - start, limits)
+            wait = min(limits.idle_timeout, rate_deadline - now, deadline - now)
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(),
-                                               min(limits.idle_timeout, rate_wait))
+                chunk = await asyncio.wait_for(stream.__anext__(), wait)
             except StopAsyncIteration:
                 return
-            except TimeoutError:
-                if rate_wait < limits.idle_timeout:
-                    raise _too_slow(received, loop.time() - start, limits) from None
-                raise HTTPException(
-                    408, f"upload timed out: no data for {limits.idle_timeout:g} seconds "
-                         "(SANDBOX_UPLOAD_IDLE_TIMEOUT_SECONDS); nothing was stored",
-                    headers={"Connection": "close"}) from None
+            except TimeoutError:  # the limit that set the wait is the one that ran out
+                if wait == limits.idle_timeout:
+                    raise HTTPException(
+                        408, f"upload timed out: no data for {limits.idle_timeout:g} "
+                             "seconds (SANDBOX_UPLOAD_IDLE_TIMEOUT_SECONDS); nothing was "
+                             "stored", headers={"Connection": "close"}) from None
+                if wait == deadline - now:
+                    raise _too_long(received, limits) from None
+                raise _too_slow(received, loop.time() - start, limits) from None
             received += len(chunk)
             yield chunk
     finally:
         await stream.aclose()
+
+
+def _too_long(received: int, limits: UploadLimits) -> HTTPException:
+    return HTTPException(
+        408, f"upload took too long: {received} bytes received, not complete after "
+             f"{limits.max_seconds:g} seconds, the longest an upload may take "
+             "(SANDBOX_UPLOAD_MAX_SECONDS); nothing was stored; on a slow link, upload a "
+             "smaller or compressed (Parquet) file", headers={"Connection": "close"})
 
 
 def _too_slow(received: int, elapsed: float, limits: UploadLimits) -> HTTPException:
@@ -247,115 +317,3 @@ def _too_slow(received: int, elapsed: float, limits: UploadLimits) -> HTTPExcept
              f"average rate of {limits.min_rate:g} bytes/s required after the first "
              f"{limits.grace:g} seconds (SANDBOX_UPLOAD_MIN_BYTES_PER_SECOND); nothing was "
              "stored", headers={"Connection": "close"})
-
-
-class _FormParser:
-    """``multipart/form-data`` into an :class:`Upload`: parts with a file name go to the
-    spool, the others to memory. Errors: ``HTTPException`` (413, 400) or the parser's
-    ``ValueError``; ``OSError`` from the spool."""
-
-    def __init__(self, spool: UploadSpool, boundary: bytes, upload: Upload) -> None:
-        self.spool = spool
-        self.upload = upload
-        self.ended = False
-        self._header_name: list[bytes] = []
-        self._header_value: list[bytes] = []
-        self._headers: dict[bytes, bytes] = {}
-        self._name = ""
-        self._filename: str | None = None
-        self._field: _FieldBuffer | None = None
-        self._writer: SpoolWriter | None = None
-        self._sink: Any = None  # what part data is written to (maybe through a decoder)
-        callbacks: dict[str, Callable[..., None]] = {
-            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
-            "on_header_value": self._header_value_data, "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-            "on_part_end": self._part_end, "on_end": self._end}
-        self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-
-    def write(self, chunk: bytes) -> None:
-        self._parser.write(chunk)
-
-    def finish(self) -> None:
-        self._parser.finalize()
-        if not self.ended:
-            raise HTTPException(400, "the multipart/form-data body ends before its closing "
-                                     "boundary (a truncated upload?); nothing was stored")
-
-    # -- callbacks -----------------------------------------------------------------------
-
-    def _part_begin(self) -> None:
-        self._headers = {}
-
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name.append(data[start:end])
-
-    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
-        self._header_value.append(data[start:end])
-
-    def _header_end(self) -> None:
-        name = b"".join(self._header_name).lower()
-        self._headers[name] = b"".join(self._header_value).strip(b" \t")
-        self._header_name.clear()
-        self._header_value.clear()
-
-    def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get(b"content-disposition"))
-        if b"name" not in options:
-            raise HTTPException(400, "a multipart part has no Content-Disposition name")
-        self._name = options[b"name"].decode(errors="replace")
-        filename = options.get(b"filename")
-        self._filename = None if filename is None else filename.decode(errors="replace")
-        if self._name in self.upload.files or self._name in self.upload.fields:
-            raise HTTPException(400, f"form field {self._name!r} is sent more than once")
-        target: Any
-        if self._filename is None:
-            self._field = target = _FieldBuffer(self._name)
-        else:
-            self._writer = target = self.spool.create()
-        encoding = self._headers.get(b"content-transfer-encoding", b"").lower()
-        if encoding == b"base64":
-            target = Base64Decoder(target)
-        elif encoding == b"quoted-printable":
-            target = QuotedPrintableDecoder(target)
-        elif encoding not in _IDENTITY_ENCODINGS:
-            shown = encoding.decode(errors="replace")
-            raise HTTPException(400, f"form field {self._name!r}: unsupported "
-                                     f"Content-Transfer-Encoding {shown!r}")
-        self._sink = target
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        self._sink.write(memoryview(data)[start:end])
-
-    def _part_end(self) -> None:
-        if hasattr(self._sink, "finalize"):
-            self._sink.finalize()  # a decoder: flushes its tail into the target
-        if self._writer is not None:
-            self.upload.files[self._name] = self._writer.finish()
-            self.upload.filenames[self._name] = self._filename or ""
-            self._writer = None
-        elif self._field is not None:
-            self.upload.fields[self._name] = bytes(self._field.data)
-            self._field = None
-        self._sink = None
-
-    def _end(self) -> None:
-        self.ended = True
-
-
-class _FieldBuffer:
-    """The in-memory target of a text field part, capped at :data:`MAX_FIELD_BYTES`."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.data = bytearray()
-
-    def write(self, data: Any) -> int:
-        self.data += data
-        if len(self.data) > MAX_FIELD_BYTES:
-            raise HTTPException(413, f"form field {self.name!r} is larger than "
-                                     f"{MAX_FIELD_BYTES} bytes")
-        return len(data)
-
-    def finalize(self) -> None:
-        """Nothing to flush (decoders call it)."""

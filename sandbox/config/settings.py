@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(
         default=4, ge=1, description="uploads received or ingested at once per API process "
         "(503 with Retry-After beyond it)")
+    max_concurrent_uploads_per_org: int = Field(
+        default=2, ge=1, description="of those, how many one organisation may have at once "
+        "(503 with Retry-After beyond it), so that one organisation cannot take every slot")
+    upload_max_seconds: float = Field(
+        default=7200.0, gt=0, description="longest time an upload body may take to arrive, "
+        "whatever its rate (408); bounds how long one upload holds a slot. 2 hours: a "
+        "2 GiB file at 300 kB/s (2.4 Mbit/s)")
     upload_idle_timeout_seconds: float = Field(
         default=30.0, gt=0, description="longest wait for the next piece of an upload body "
                                         "(408)")

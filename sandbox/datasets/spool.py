@@ -21,15 +21,21 @@ header, a flipped bit, reordered, swapped, truncated or extended data all fail w
 a time (random access: Parquet reads its footer first), authenticating every chunk it
 reads. Ingest finds it by path, through :func:`open_plaintext`, while the spool is open.
 
-Closing a spool removes its directory, whatever happened, and forgets the key. An open
-spool's directory is ``flock``-ed by its process; after a crash the kernel has dropped the
-lock and the key is gone with the process, so a stale spool is ciphertext nobody can read:
-:func:`sandbox.datasets.cache.reap_stale_uploads` removes unlocked spools to free the disk.
+Closing a spool removes its directory, whatever happened, and forgets the key; its files
+stop being found by :func:`open_plaintext` at the same instant the spool is marked closed
+(one lock), so a reader either gets the key of an open spool or is told the path is not
+a spool file. An open spool's directory is ``flock``-ed by its process; after a crash the
+kernel has dropped the lock and the key is gone with the process, so a stale spool is
+ciphertext nobody can read: :func:`sandbox.datasets.cache.reap_stale_uploads` removes
+unlocked spools to free the disk. A directory is made as ``.sbx-upload-tmp-<pid>-<random>``
+and renamed to its ``sbx-upload-`` name only once locked, so another process's reaper
+never finds a live spool unlocked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -52,6 +58,7 @@ __all__ = [
     "SPOOL_CHUNK_SIZE",
     "SPOOL_MAGIC",
     "SPOOL_PREFIX",
+    "SPOOL_STAGING_PREFIX",
     "SpoolFile",
     "SpoolIntegrityError",
     "SpoolWriter",
@@ -62,6 +69,9 @@ __all__ = [
 SPOOL_MAGIC = b"SBXSPL1\n"
 #: Name prefix of a spool directory; the full name is ``sbx-upload-<pid>-<random>``.
 SPOOL_PREFIX = "sbx-upload-"
+#: Name prefix of a spool directory being made (not yet locked): the reaper removes
+#: these only when unlocked and old.
+SPOOL_STAGING_PREFIX = ".sbx-upload-tmp-"
 #: Plaintext bytes per record. Small enough that a random read (the Parquet footer, a
 #: column chunk) decrypts little it does not need, large enough that the per-record cost
 #: (nonce, AEAD call, 28 bytes) is noise: ~0.3 ms of AES-GCM per chunk.
@@ -80,10 +90,16 @@ class SpoolIntegrityError(IntegrityError):
 
 def open_plaintext(path: Path) -> BinaryIO | None:
     """A decrypting reader of ``path`` if it is a file of an open spool of this process
-    (see :meth:`SpoolFile.open`), else ``None``: then ``path`` is an ordinary file."""
-    with _LIVE_LOCK:
+    (see :meth:`SpoolFile.open`), else ``None``: then ``path`` is an ordinary file.
+
+    Never the closed spool's ``ValueError``: the lookup and the key are had atomically
+    with :meth:`UploadSpool.close`. (``OSError`` if the file is gone meanwhile.)"""
+    with _LIVE_LOCK:  # atomic with close(): an open spool's key, or no entry at all
         spooled = _LIVE.get(os.path.abspath(path))
-    return spooled.open() if spooled is not None else None
+        if spooled is None:
+            return None
+        key = spooled._spool.key()
+    return cast(BinaryIO, SpoolReader(spooled, key))
 
 
 class UploadSpool:
@@ -97,12 +113,21 @@ class UploadSpool:
 
     def __init__(self, root: Path, *, chunk_size: int = SPOOL_CHUNK_SIZE) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-",
-                                               dir=root))  # mode 0700
+        # Made under a name the reaper leaves alone, locked, and only then renamed into
+        # place: a reaper (of another process starting on the same root) never sees an
+        # unlocked live spool. The lock is on the directory itself, so it moves with it.
+        staging = Path(tempfile.mkdtemp(prefix=f"{SPOOL_STAGING_PREFIX}{os.getpid()}-",
+                                        dir=root))  # mode 0700
+        self.directory = staging
         lock = -1
         try:  # held while the spool is open; the kernel drops it when this process dies
-            lock = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            final = root / (SPOOL_PREFIX + staging.name.removeprefix(SPOOL_STAGING_PREFIX))
+            if os.path.lexists(final):  # rename would replace an empty directory
+                raise FileExistsError(errno.EEXIST, "upload spool name taken", str(final))
+            os.rename(staging, final)
+            self.directory = final
         except BaseException:
             if lock >= 0:
                 os.close(lock)
@@ -146,13 +171,14 @@ class UploadSpool:
 
     def close(self) -> None:
         """Abort unfinished files, remove the directory and forget the key (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
+        with _LIVE_LOCK:  # atomic with open_plaintext: registered means open
+            if self.closed:
+                return
+            self.closed = True
+            for file in self._files:
+                file.unregister(locked=True)
         for writer in list(self._writers):
             writer.abort()
-        for file in self._files:
-            file.unregister()
         shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self._lock)
         self._key[:] = bytes(len(self._key))
@@ -243,11 +269,13 @@ class SpoolFile:
         return target
 
     def register(self) -> None:
+        """Make :func:`open_plaintext` find this file by its path."""
         with _LIVE_LOCK:
             _LIVE[os.path.abspath(self.path)] = self
 
-    def unregister(self) -> None:
-        with _LIVE_LOCK:
+    def unregister(self, *, locked: bool = False) -> None:
+        """Forget this file's path (``locked``: the caller holds the registry lock)."""
+        with contextlib.nullcontext() if locked else _LIVE_LOCK:
             if _LIVE.get(os.path.abspath(self.path)) is self:
                 del _LIVE[os.path.abspath(self.path)]
 

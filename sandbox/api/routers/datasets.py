@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import threading
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,7 +19,14 @@ from sandbox.api.ownership import (
     owned_dataset,
     owned_jobs_query,
 )
-from sandbox.api.uploads import UploadLimits, no_space, receive_multipart
+from sandbox.api.uploads import (
+    MAX_FIELD_BYTES,
+    FormSpec,
+    UploadLimits,
+    no_space,
+    receive_multipart,
+    run_to_end,
+)
 from sandbox.datasets import catalog, lifecycle, mock
 from sandbox.datasets.schema import DatasetSchema
 from sandbox.datasets.spool import SpoolIntegrityError
@@ -34,6 +42,9 @@ log = logging.getLogger("sandbox.api.datasets")
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 _FORMATS = {"csv": ".csv", "parquet": ".parquet", "pq": ".parquet"}
+#: The parts of a registration form; the schema and the format share the 1 MiB of fields.
+DATASET_FORM = FormSpec(fields={"schema": MAX_FIELD_BYTES, "format": 64},
+                        files=frozenset({"data"}))
 
 
 @router.post("", status_code=201, summary="Register a dataset (or a new version of one)")
@@ -41,14 +52,18 @@ async def register_dataset(request: Request, runtime: RuntimeDep,
                            principal: PrincipalDep) -> dict[str, Any]:
     """Multipart form: ``schema`` (YAML text) and ``data`` (a CSV or Parquet file),
     optionally ``format`` (``csv`` or ``parquet``; otherwise taken from the file name).
+    Any other part, or one sent twice, is refused (400).
 
     The file is spooled to disk encrypted under a key held only in memory, then
-    validated and stored; the spool is removed in every case. Upload limits (413, 408,
-    503, 507) are those of :func:`~sandbox.api.uploads.receive_multipart`."""
+    validated and stored; the spool is removed in every case, and only after ingest has
+    ended (a cancelled request stops ingest at its next piece and waits for it). Upload
+    limits (413, 408, 503, 507) are those of
+    :func:`~sandbox.api.uploads.receive_multipart`."""
     require_role(principal, Role.OWNER)
     settings = runtime.settings
     async with receive_multipart(request, spool_root=settings.effective_upload_spool_dir,
-                                 limits=UploadLimits.from_settings(settings)) as upload:
+                                 limits=UploadLimits.from_settings(settings),
+                                 form=DATASET_FORM, owner=principal.org_id) as upload:
         if "schema" not in upload.fields or "data" not in upload.files:
             raise HTTPException(422, "the form needs a 'schema' field and a 'data' file")
         schema = DatasetSchema.from_yaml(upload.fields["schema"].decode("utf-8", "replace"))
@@ -58,11 +73,21 @@ async def register_dataset(request: Request, runtime: RuntimeDep,
             raise HTTPException(422, "format: give 'csv' or 'parquet' (or a file name ending "
                                      "in .csv or .parquet)")
         source = upload.files["data"].with_suffix(_FORMATS[fmt])
-        return await asyncio.to_thread(_register, runtime, principal, schema, source)
+        return await run_to_end(partial(_register, runtime, principal, schema, source))
+
+
+class RegistrationCancelled(Exception):
+    """The request that started an ingest was cancelled; the ingest gives up."""
 
 
 def _register(runtime: Runtime, principal: Principal, schema: DatasetSchema,
-              source: Path) -> dict[str, Any]:
+              source: Path, stop: threading.Event) -> dict[str, Any]:
+    """Validate and store ``source`` (runs in a worker thread); gives up, storing
+    nothing, at the next piece read once ``stop`` is set."""
+    def check(_: int) -> None:
+        if stop.is_set():
+            raise RegistrationCancelled("the upload request was cancelled; nothing was stored")
+
     with runtime.db.transaction() as session:
         org = session.get(Organisation, principal.org_id)
         if org is None or schema.owner_organisation != org.name:
@@ -72,7 +97,8 @@ def _register(runtime: Runtime, principal: Principal, schema: DatasetSchema,
         dataset_id = catalog.register(runtime.db, principal=principal, schema=schema,
                                       source=source, data_dir=runtime.settings.data_dir,
                                       keys=runtime.keys,
-                                      max_bytes=runtime.settings.max_upload_bytes)
+                                      max_bytes=runtime.settings.max_upload_bytes,
+                                      progress=check)
     except SpoolIntegrityError as exc:  # changed on disk while the request ran
         log.error("%s", exc)
         raise HTTPException(500, f"{exc}; nothing was stored, upload again") from None
