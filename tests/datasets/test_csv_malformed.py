@@ -27,6 +27,18 @@ GOOD = "a1,Nanjing,100.5,10,true,2001-02-03,hello"
 #: Block sizes: tiny (a few rows per block, quotes near block ends) and the default.
 BLOCKS = [64, 200, 8 * 1024 * 1024]
 
+#: One nullable text column: there an empty line is a row (a null), not a blank line.
+NOTES_SCHEMA = DatasetSchema.from_dict(
+    {
+        "name": "notes",
+        "title": "Notes",
+        "owner_organisation": "test-org",
+        "privacy_unit": {"id_column": None},
+        "max_rows": 100,
+        "columns": [{"name": "text", "type": "str", "nullable": True}],
+    }
+)
+
 TEXT_SCHEMA = DatasetSchema.from_dict(
     {
         "name": "texts",
@@ -140,16 +152,7 @@ def test_header_with_unterminated_quote(write_csv: WriteCsv) -> None:
 
 
 def test_one_column_file_counts_empty_lines_as_rows(write_csv: WriteCsv) -> None:
-    schema = DatasetSchema.from_dict(
-        {
-            "name": "notes",
-            "title": "Notes",
-            "owner_organisation": "test-org",
-            "privacy_unit": {"id_column": None},
-            "max_rows": 100,
-            "columns": [{"name": "text", "type": "str", "nullable": True}],
-        }
-    )
+    schema = NOTES_SCHEMA
     path = write_csv([], raw=raw(["text", "a", "", '"b, c"', '"d', "e"]))
     with pytest.raises(IngestError, match=rf'^row 4, column "text": {UNTERMINATED}.*line 5'):
         read_validated(path, schema)
@@ -344,16 +347,7 @@ def test_ragged_row_in_a_one_column_file_counts_empty_lines(
     write_csv: WriteCsv, block: int
 ) -> None:
     """In a one-column file an empty line is a row (a null), so it is counted."""
-    schema = DatasetSchema.from_dict(
-        {
-            "name": "notes",
-            "title": "Notes",
-            "owner_organisation": "test-org",
-            "privacy_unit": {"id_column": None},
-            "max_rows": 100,
-            "columns": [{"name": "text", "type": "str", "nullable": True}],
-        }
-    )
+    schema = NOTES_SCHEMA
     path = write_csv([], raw=raw(["text", "a", "", "", '"b, c"', "d,e", "f"]))
     with pytest.raises(IngestError, match=r"^row 5 \(line 6\): expected 1 columns, got 2$"):
         read(path, schema, block)
