@@ -27,7 +27,7 @@ def get_principal(runtime: RuntimeDep,
     """The caller; 401 for a missing, malformed, unknown, revoked or expired token."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         principal = authenticate(session, credentials.credentials)
     if principal is None:
         raise HTTPException(401, "invalid, expired or revoked token",

@@ -23,10 +23,15 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 class Database:
-    """A database connection pool plus a transaction helper.
+    """Connection pools plus the two kinds of transaction.
 
     ``Database(url).transaction()`` yields a session inside one transaction that commits
     on normal exit and rolls back on any exception: nothing half-written.
+    ``Database(url).read()`` yields a session inside one read-only transaction, for
+    requests that only look: it sees one consistent snapshot, takes no lock that writers
+    wait for and waits for no writer (SQLite: ``BEGIN DEFERRED`` under WAL, on
+    connections with ``query_only``; PostgreSQL: a ``READ ONLY`` transaction). Any write
+    in it raises.
     """
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 30_000) -> None:
@@ -40,7 +45,13 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine, busy_timeout_ms)
+            self.read_engine: Engine = create_engine(url, **kwargs)
+            _configure_sqlite(self.read_engine, busy_timeout_ms, read_only=True)
+        else:
+            self.read_engine = create_engine(
+                url, **kwargs, execution_options={"postgresql_readonly": True})
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_factory = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -50,6 +61,17 @@ class Database:
     def transaction(self) -> Iterator[Session]:
         """One transaction: commit on success, roll back on any exception."""
         session = self._factory()
+        try:
+            with session.begin():
+                yield session
+        finally:
+            session.close()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """One read-only transaction (see the class docstring); objects loaded in it stay
+        usable after it ends."""
+        session = self._read_factory()
         try:
             with session.begin():
                 yield session
@@ -78,6 +100,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()
 
 
 def hold_lock(session: Session, name: str) -> None:
@@ -96,7 +119,7 @@ def advisory_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
-def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int, *, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module so BEGIN is ours.
@@ -107,8 +130,10 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA secure_delete=ON")  # zero freed content (shredded keys)
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")

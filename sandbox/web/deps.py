@@ -43,7 +43,7 @@ def web_principal(request: Request, runtime: RuntimeDep) -> Principal:
     web_session = keeper.decode(raw)
     principal = None
     if web_session is not None:
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             principal = authenticate_token_id(session, web_session.token_id)
     if web_session is None or principal is None or principal.user_id != web_session.user_id:
         next_path = request.url.path if request.method == "GET" else "/ui/"

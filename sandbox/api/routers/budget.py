@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/budget", tags=["budget"])
 
 @router.get("/{name}", summary="Budget spent and left on a dataset, in the policy's unit")
 def budget(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         dataset = catalog.get_dataset(session, name)
         policy = policy_in_force(session, dataset.id)
         budget = document(policy).budget if policy else None

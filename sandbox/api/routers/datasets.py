@@ -133,7 +133,7 @@ def mock_data(name: str, runtime: RuntimeDep, principal: PrincipalDep,
               format: Annotated[Literal["csv", "parquet"], Query()] = "csv",
               rows: Annotated[int, Query(ge=1, le=100_000)] = 1000,
               seed: Annotated[int, Query(ge=0, le=2**31)] = 0) -> Response:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         schema = catalog.schema_of(catalog.latest_version(session, catalog.get_dataset(session,
                                                                                         name)))
     table = mock.generate_mock(schema, rows, seed)
@@ -147,7 +147,7 @@ def mock_data(name: str, runtime: RuntimeDep, principal: PrincipalDep,
 
 @router.get("", summary="The catalog: every dataset's metadata")
 def list_datasets(runtime: RuntimeDep, principal: PrincipalDep) -> list[dict[str, Any]]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         rows = session.scalars(select(Dataset).where(Dataset.deleted_at.is_(None))
                                .order_by(Dataset.name))
         return [dataset_view(session, d, principal) for d in rows]
@@ -155,7 +155,7 @@ def list_datasets(runtime: RuntimeDep, principal: PrincipalDep) -> list[dict[str
 
 @router.get("/{name}", summary="One dataset's metadata, schema and versions")
 def get_dataset(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         return dataset_view(session, catalog.get_dataset(session, name), principal)
 
 
@@ -164,7 +164,7 @@ def get_dataset(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict
 def dataset_jobs(name: str, runtime: RuntimeDep, principal: PrincipalDep,
                  limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[dict[str, Any]]:
     require_role(principal, Role.OWNER)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         dataset = owned_dataset(session, principal, name)  # 404 for other organisations
         rows = list(session.scalars(owned_jobs_query(principal)
                                     .where(Job.dataset_id == dataset.id)

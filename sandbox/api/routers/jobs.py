@@ -36,7 +36,7 @@ def submit_job(body: service.JobRequest, runtime: RuntimeDep, principal: Princip
 def list_jobs(runtime: RuntimeDep, principal: PrincipalDep,
               limit: Annotated[int, Query(ge=1, le=500)] = 100,
               offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> list[dict[str, Any]]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         query = service.visible_jobs_query(principal).order_by(Job.created_at.desc())
         rows = session.scalars(query.limit(limit).offset(offset)).all()
         return [service.job_view(j) for j in rows]
@@ -44,7 +44,7 @@ def list_jobs(runtime: RuntimeDep, principal: PrincipalDep,
 
 @router.get("/{job_id}", summary="A job's status")
 def get_job(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         return service.job_view(service.visible_job(session, principal, job_id))
 
 
@@ -57,6 +57,6 @@ def cancel_job(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dic
 
 @router.get("/{job_id}/result", summary="The released output of a job")
 def get_result(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         job = service.visible_job(session, principal, job_id)
         return released_content(session, job)

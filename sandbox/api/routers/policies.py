@@ -59,7 +59,7 @@ def approve_policy(name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)
 def diff_policies(name: str, from_version: Annotated[int, Query(ge=1, le=MAX_VERSION)],
                   to_version: Annotated[int, Query(ge=1, le=MAX_VERSION)], runtime: RuntimeDep,
                   principal: PrincipalDep) -> dict[str, Any]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         dataset = catalog.get_dataset(session, name)
         check_dataset_owner(principal, dataset)
         texts = {}
@@ -79,7 +79,7 @@ def diff_policies(name: str, from_version: Annotated[int, Query(ge=1, le=MAX_VER
                         "in force")
 def list_policies(name: str, runtime: RuntimeDep,
                   principal: PrincipalDep) -> list[dict[str, Any]]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         dataset = catalog.get_dataset(session, name)
         if can_own_dataset(principal, dataset):
             rows = list(session.scalars(select(Policy).where(Policy.dataset_id == dataset.id)

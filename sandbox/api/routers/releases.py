@@ -25,7 +25,7 @@ def public_key(request: Request) -> dict[str, Any]:
 @router.get("/{job_id}", summary="A released job's signed artifact")
 def artifact(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     """``sandbox release verify FILE`` checks a saved copy against the public key."""
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         job = jobs.visible_job(session, principal, job_id)
         release = session.scalar(select(Release).where(Release.job_id == job.id))
         if job.status != JobStatus.RELEASED.value or release is None or not release.artifact:

@@ -27,14 +27,14 @@ class Rejection(BaseModel):
 @router.get("", summary="Jobs waiting for your review")
 def queue(runtime: RuntimeDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     require_role(principal, Role.REVIEWER)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         return [jobs.job_view(j) for j in service.review_queue(session, principal)]
 
 
 @router.get("/{job_id}", summary="A job under review: its query, cost and output")
 def detail(job_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> dict[str, Any]:
     require_role(principal, Role.REVIEWER)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         job = jobs.visible_job(session, principal, job_id)
         result = session.get(JobResult, job.id)
         return {"job": jobs.job_view(job), "output": result.content if result else None,

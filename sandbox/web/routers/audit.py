@@ -50,7 +50,7 @@ def audit(request: Request, runtime: RuntimeDep, principal: WebPrincipal,
     query = select(AuditEvent).where(_scope(principal))
     if before is not None:
         query = query.where(AuditEvent.seq < before)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         events = list(session.scalars(query.order_by(AuditEvent.seq.desc()).limit(PAGE + 1)))
         head = session.execute(select(AuditEvent.seq, AuditEvent.hash)
                                .order_by(AuditEvent.seq.desc()).limit(1)).first()

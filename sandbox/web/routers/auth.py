@@ -42,7 +42,7 @@ def root() -> RedirectResponse:
 def home(request: Request, runtime: RuntimeDep, principal: WebPrincipal) -> Response:
     """What the signed-in user can do here, by role."""
     facts: dict[str, int] = {}
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         org = session.get(Organisation, principal.org_id)
         if principal.role == Role.OWNER:
             facts["datasets"] = session.scalar(select(func.count()).select_from(Dataset).where(

@@ -40,7 +40,7 @@ Version = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 def datasets(request: Request, runtime: RuntimeDep, principal: WebPrincipal) -> Response:
     """The datasets of the owner's organisation, with policy, budget and waiting jobs."""
     require_role(principal, Role.OWNER)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         rows = session.scalars(select(Dataset).where(
             Dataset.owner_org_id == principal.org_id, Dataset.deleted_at.is_(None))
             .order_by(Dataset.name))
@@ -53,7 +53,7 @@ def dataset(request: Request, name: Name, runtime: RuntimeDep,
             principal: WebPrincipal) -> Response:
     """Metadata, schema, versions, policy in force, budget and recent jobs of a dataset."""
     require_role(principal, Role.OWNER)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         ds = owned_dataset(session, principal, name)
         schema = catalog.schema_of(catalog.latest_version(session, ds))
         policy = policy_in_force(session, ds.id)
@@ -84,7 +84,7 @@ def policy(request: Request, name: Name, version: Version, runtime: RuntimeDep,
     """One policy version: every rule rendered, the YAML as written, and for a draft the
     form that puts it in force."""
     require_role(principal, Role.OWNER)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         ds = owned_dataset(session, principal, name)
         view = views.policy_view(session, _policy(session, ds, version))
         others = views.policy_versions(session, ds)

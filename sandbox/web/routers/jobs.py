@@ -40,7 +40,7 @@ def jobs(request: Request, runtime: RuntimeDep, principal: WebPrincipal,
     if dataset:
         query = query.where(Job.dataset_id.in_(select(Dataset.id).where(
             Dataset.name == dataset)))
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         rows = list(session.scalars(query.order_by(Job.created_at.desc())
                                     .limit(PAGE + 1).offset(offset)))
         lines = views.job_rows(session, rows[:PAGE])
@@ -54,7 +54,7 @@ def jobs(request: Request, runtime: RuntimeDep, principal: WebPrincipal,
 def job(request: Request, job_id: JobId, runtime: RuntimeDep,
         principal: WebPrincipal) -> Response:
     """One job: its state in the machine, where it can go next, history, cost."""
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         found = job_for(session, principal, job_id)
         context: dict[str, Any] = {"job": views.job_summary(session, found),
                    "events": views.timeline(session, principal, found),

@@ -46,13 +46,13 @@ DONE = {"approved": "Approved: the output is released and signed.",
 def queue(request: Request, runtime: RuntimeDep, principal: WebPrincipal) -> Response:
     """Jobs waiting for this reviewer, oldest first."""
     require_role(principal, Role.REVIEWER)
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         waiting = views.job_rows(session, review_queue(session, principal))
     return page(request, "reviews.html", title="Review queue", jobs=waiting)
 
 
 def _context(runtime: Runtime, principal: Principal, job_id: str) -> dict[str, Any]:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         job = job_for(session, principal, job_id)
         result = session.get(JobResult, job.id)
         mine = session.scalar(select(Review.decision).where(
