@@ -313,3 +313,49 @@ def test_run_forever_reserves_in_the_background_and_releases_at_stop(ready: Api)
         worker.stop()
         loop.join(timeout=30)
     assert not loop.is_alive() and worker.cache.held == 0
+
+
+def test_two_rotations_at_once_never_strand_a_version(
+        ready: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotation A has made its key when rotation B (another process's `keys rotate
+    --retire`) starts: B must not retire A's key and then have A wrap everything under
+    it. Each rotation makes its key inside its locked transaction, so B waits for A."""
+    import threading
+
+    from sandbox.datasets.keyring import LocalKeyring
+
+    home = ready.home
+    real = LocalKeyring.create_next
+    a_made_its_key, b_finished = threading.Event(), threading.Event()
+
+    def slow_first(self: LocalKeyring):  # type: ignore[no-untyped-def]
+        key = real(self)
+        if not a_made_its_key.is_set():
+            a_made_its_key.set()
+            b_finished.wait(2)  # B gets every chance to run in between
+        return key
+
+    monkeypatch.setattr(LocalKeyring, "create_next", slow_first)
+    errors: list[BaseException] = []
+
+    def rotate() -> None:
+        try:
+            rotate_master_key(home.runtime.db, LocalKeyring(home.settings.keys_dir),
+                              retire_old=True)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    a = threading.Thread(target=rotate)
+    a.start()
+    assert a_made_its_key.wait(10)
+    b = threading.Thread(target=lambda: (rotate(), b_finished.set()))
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert not errors
+    keys = LocalKeyring(home.settings.keys_dir)
+    assert len(keys.key_ids()) == 1
+    with home.runtime.db.transaction() as session:
+        for version in session.scalars(select(DatasetVersion)):
+            assert version.key_id == keys.current().key_id
+            unwrap_data_key(version, keys)  # raises if stranded

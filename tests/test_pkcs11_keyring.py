@@ -62,6 +62,40 @@ def test_wrap_unwrap_rotate_retire(token: tuple[str, Path]) -> None:
     ring.close()
 
 
+def test_two_keys_never_share_a_label(token: tuple[str, Path],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A creator that listed the token before another process added the next generation
+    makes a key with that label too; it must destroy its own and take the next one."""
+    from sandbox.datasets.pkcs11 import Pkcs11Keyring
+    label, pin_file = token
+    ring = Pkcs11Keyring(MODULE, label, pin_file)
+    # (the library, and so the token, can be shared with earlier tests of this process)
+    before = set(ring.key_ids())
+    first = ring.create_next()
+    other = Pkcs11Keyring(MODULE, label, pin_file)  # "another process"
+    real = Pkcs11Keyring._keys
+    stale = [real(ring)]  # the listing taken before the other process's key appeared
+    second = other.create_next()
+
+    def listing(self: Pkcs11Keyring):  # type: ignore[no-untyped-def]
+        return stale.pop() if stale else real(self)
+
+    monkeypatch.setattr(Pkcs11Keyring, "_keys", listing)  # stale once, then real
+    try:
+        third = ring.create_next()
+        ids = ring.key_ids()
+        assert len(ids) == len(set(ids))  # no label names two keys
+        assert set(ids) - before == {first.key_id, second.key_id, third.key_id}
+        assert ring.current().key_id == third.key_id != second.key_id
+        blob = second.wrap(b"s" * 32, context=b"c")
+        assert ring.provider(second.key_id).unwrap(blob, context=b"c") == b"s" * 32
+    finally:
+        for key_id in set(ring.key_ids()) - before:
+            ring.retire(key_id)
+        ring.close()
+        other.close()
+
+
 def test_wrong_pin_is_refused_without_leaking_it(token: tuple[str, Path],
                                                  tmp_path: Path) -> None:
     from sandbox.datasets.pkcs11 import Pkcs11Keyring

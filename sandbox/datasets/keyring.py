@@ -102,6 +102,7 @@ class LocalKeyring(Keyring):
 
     def create_next(self) -> KeyProvider:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._sweep_leftovers()
         for _attempt in range(10):  # another process may take the same generation first
             files = self._files()
             generation = files[-1][0] + 1 if files else 1
@@ -115,13 +116,34 @@ class LocalKeyring(Keyring):
         raise FileExistsError(f"could not create a new master key in {self.directory}: "
                               "other processes keep taking the next generation")
 
+    def _sweep_leftovers(self, older_than: float = 600.0) -> None:
+        """Destroy what a process that died mid-way left: keys being retired
+        (``.master-N.key.retired``) at once, keys being created (``.partial``, never used
+        by anything) once ``older_than`` seconds old (a live creation takes
+        milliseconds)."""
+        import time
+        for path in self.directory.glob(".master-*.key.*"):
+            try:
+                if path.name.endswith(".retired") or (
+                        path.name.endswith(".partial")
+                        and time.time() - path.stat().st_mtime > older_than):
+                    with open(path, "r+b") as handle:
+                        handle.write(b"\0" * path.stat().st_size)
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+
     def retire(self, key_id: str) -> None:
         provider = self.provider(key_id)
         assert isinstance(provider, LocalKeyFileProvider)
-        path = provider.path
-        with open(path, "r+b") as handle:  # overwrite before unlinking (best effort)
-            handle.write(b"\0" * path.stat().st_size)
+        # first out of the keyring's sight in one step (a process listing the directory
+        # meanwhile sees the key or nothing, never a half-zeroed file), then overwrite
+        # (best effort) and unlink
+        doomed = provider.path.with_name(f".{provider.path.name}.retired")
+        os.replace(provider.path, doomed)
+        with open(doomed, "r+b") as handle:
+            handle.write(b"\0" * doomed.stat().st_size)
             handle.flush()
             os.fsync(handle.fileno())
-        path.unlink()
+        doomed.unlink()
         self._cache.pop(key_id, None)

@@ -36,12 +36,15 @@ def rotate_master_key(db: Database, keys: Keyring, *, retire_old: bool,
                       actor_id: str | None = None) -> Rotation:
     """Create a new master key, rewrap every data key under it, optionally retire old keys.
 
-    Safe beside registrations in other processes: the rewrap transaction holds
-    :data:`~sandbox.datasets.catalog.KEYRING_LOCK`, so a version registered before it
-    is rewrapped and one registered after it is wrapped under the new key."""
-    new = keys.create_next()
+    Safe beside registrations and other rotations in other processes: the new key is
+    created and everything rewrapped under it inside one transaction holding
+    :data:`~sandbox.datasets.catalog.KEYRING_LOCK`, so the new key is the current one for
+    the whole transaction; a version registered before it is rewrapped, one registered
+    after it is wrapped under this key or a newer one. (If the transaction fails, the new
+    key stays as an unused current key; the next rotation or retirement deals with it.)"""
     with db.transaction() as session:
         hold_lock(session, KEYRING_LOCK)
+        new = keys.create_next()
         versions = list(session.scalars(select(DatasetVersion).where(
             DatasetVersion.wrapped_key.is_not(None), DatasetVersion.key_id != new.key_id)))
         for version in versions:

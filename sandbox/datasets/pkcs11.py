@@ -113,14 +113,24 @@ class Pkcs11Keyring(Keyring):
         raise KeyUnavailable(f"master key {key_id} is not in the PKCS#11 token")
 
     def create_next(self) -> KeyProvider:
+        """A new key labelled with the next generation. Rotation calls this holding the
+        keyring lock, so processes do not race; should two keys still end up with one
+        label (a caller without the lock), the one made here is destroyed and the next
+        generation tried, so a label never names two keys."""
         from pkcs11 import Attribute, KeyType
-        keys = self._keys()
-        label = f"{self.prefix}-{(keys[-1][0] + 1 if keys else 1):04d}"
-        with self.lock:
-            key = self._session.generate_key(
-                KeyType.AES, 256, label=label, store=True,
-                template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})
-        return _TokenKey(self, label, key)
+        for _attempt in range(10):
+            keys = self._keys()
+            label = f"{self.prefix}-{(keys[-1][0] + 1 if keys else 1):04d}"
+            with self.lock:
+                key = self._session.generate_key(
+                    KeyType.AES, 256, label=label, store=True,
+                    template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})
+            if sum(1 for _gen, other, _obj in self._keys() if other == label) == 1:
+                return _TokenKey(self, label, key)
+            with self.lock:
+                key.destroy()
+        raise KeyUnavailable("could not create a new master key in the PKCS#11 token: "
+                             "other processes keep taking the next generation")
 
     def retire(self, key_id: str) -> None:
         provider = self.provider(key_id)

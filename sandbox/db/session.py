@@ -48,8 +48,11 @@ class Database:
             self.read_engine: Engine = create_engine(url, **kwargs)
             _configure_sqlite(self.read_engine, busy_timeout_ms, read_only=True)
         else:
+            # REPEATABLE READ: one snapshot for the whole transaction, as on SQLite (a
+            # read-only transaction never fails to serialise)
             self.read_engine = create_engine(
-                url, **kwargs, execution_options={"postgresql_readonly": True})
+                url, **kwargs, execution_options={"postgresql_readonly": True,
+                                                  "isolation_level": "REPEATABLE READ"})
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
         self._read_factory = sessionmaker(self.read_engine, expire_on_commit=False)
 
@@ -107,9 +110,11 @@ def hold_lock(session: Session, name: str) -> None:
     """Hold the database-wide lock ``name`` until ``session``'s transaction ends, so that
     transactions taking the same lock run one after another. PostgreSQL: a
     transaction-scoped advisory lock (a later statement sees what the previous holder
-    committed). SQLite: nothing to do, every transaction is ``BEGIN IMMEDIATE`` and so
-    already runs alone among writers."""
+    committed). SQLite: the transaction itself is the lock (``BEGIN IMMEDIATE`` runs alone
+    among writers), so it is begun here rather than at the first statement, which may
+    come after what the lock must cover."""
     if session.get_bind().dialect.name != "postgresql":
+        session.connection()  # begins the transaction: BEGIN IMMEDIATE now
         return
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(name)})
 

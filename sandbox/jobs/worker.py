@@ -99,7 +99,7 @@ class Worker:
         Returns the bytes reserved. Run in the background when the worker starts; a
         failure is logged, never raised (it only costs speed)."""
         try:
-            with self.db.transaction() as session:
+            with self.db.read() as session:
                 largest = session.scalar(
                     select(func.max(DatasetVersion.plaintext_bytes))
                     .join(Dataset, Dataset.id == DatasetVersion.dataset_id)

@@ -363,3 +363,40 @@ def test_plaintext_directory_must_be_ram_backed() -> None:
     assert filesystem_type(disk) not in ("tmpfs", "ramfs")
     with pytest.raises(Conflict, match=r"not\s+tmpfs/ramfs"):
         check_ram_filesystem(disk)
+
+
+def test_a_load_during_a_reserve_waits_and_gets_the_reserved_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    cache = DecryptedCache(100)
+    real = PlainBuffer.wipe
+    filling, go_on = threading.Event(), threading.Event()
+
+    def slow(self: PlainBuffer) -> None:
+        if not filling.is_set():
+            filling.set()
+            go_on.wait(5)
+        real(self)
+
+    monkeypatch.setattr(PlainBuffer, "wipe", slow)
+    reserving = threading.Thread(target=cache.reserve, args=(80,))
+    reserving.start()
+    assert filling.wait(5)
+    peak = [0]
+
+    def loading() -> None:
+        with cache.use(("a", 1, "h"), loader(b"a" * 60)) as a:
+            peak[0] = max(peak[0], cache.held)
+            assert contents(a) == b"a" * 60
+            seen.append(a)
+
+    seen: list[PlainBuffer] = []
+    job = threading.Thread(target=loading)
+    job.start()
+    go_on.set()
+    reserving.join(10)
+    job.join(10)
+    assert seen and cache.size == 60  # cached: it fitted, in the reserved memory
+    assert peak[0] <= 100 and cache.held <= 100
+    cache.clear()

@@ -160,3 +160,25 @@ def test_keyring_takes_the_next_generation_when_another_process_took_one(
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "master-0001.key", "master-0002.key", "master-0003.key"]
     assert ring.current().key_id == new.key_id
+
+
+def test_retired_and_abandoned_keys_are_destroyed(tmp_path: Path) -> None:
+    import time
+
+    from sandbox.datasets.keyring import LocalKeyring
+
+    ring = LocalKeyring.create(tmp_path)
+    first = ring.current().key_id
+    ring.create_next()
+    ring.retire(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["master-0002.key"]
+    # what a process that died mid-way leaves behind
+    (tmp_path / ".master-0002.key.retired").write_bytes(b"k" * 32)
+    old = tmp_path / ".master-0003.key.0123.partial"
+    old.write_bytes(b"p" * 32)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    young = tmp_path / ".master-0003.key.4567.partial"  # maybe being written right now
+    young.write_bytes(b"q" * 32)
+    ring.create_next()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".master-0003.key.4567.partial", "master-0002.key", "master-0003.key"]
