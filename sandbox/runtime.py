@@ -60,5 +60,14 @@ def open_keyring(settings: Settings) -> Keyring:
 
 
 def release_signer(settings: Settings) -> Signer:
-    """The Ed25519 key that signs releases (created on first use, 0600)."""
-    return Signer(settings.keys_dir / "release-signing.key")
+    """The Ed25519 key that signs releases, created on first use: with the pkcs11 key
+    provider a non-extractable key pair in the same token as the master keys (label
+    ``sandbox-release-signing``), otherwise ``<keys_dir>/release-signing.key`` (0600)."""
+    if settings.key_provider == "pkcs11":
+        from sandbox.review.signing import TokenSigner
+        if settings.pkcs11_pin_file is None:
+            raise NotInitialised("SANDBOX_PKCS11_PIN_FILE must name the token's PIN file")
+        return TokenSigner(settings.pkcs11_module, settings.pkcs11_token_label,
+                           settings.pkcs11_pin_file)
+    from sandbox.review.signing import FileSigner
+    return FileSigner(settings.keys_dir / "release-signing.key")

@@ -141,3 +141,29 @@ class Pkcs11Keyring(Keyring):
     def close(self) -> None:
         with self.lock:
             self._session.close()
+
+
+def open_session(module: Path, token_label: str, pin_file: Path) -> Any:
+    """A read-write session, logged in as the user, on the token ``token_label`` of the
+    PKCS#11 module at ``module`` (the PIN is read from ``pin_file``). Used by the release
+    signing key in the token; raises :class:`KeyUnavailable` without revealing the PIN."""
+    try:
+        import pkcs11
+    except ImportError:
+        raise KeyUnavailable("the pkcs11 key provider needs: pip install python-pkcs11") \
+            from None
+    try:
+        pin = Path(pin_file).read_text().strip()
+    except OSError as exc:
+        raise KeyUnavailable(f"cannot read PKCS#11 PIN file {str(pin_file)!r}: "
+                             f"{exc.strerror}") from None
+    try:
+        token = pkcs11.lib(str(module)).get_token(token_label=token_label)
+        try:
+            return token.open(user_pin=pin, rw=True)
+        except pkcs11.exceptions.UserAlreadyLoggedIn:
+            # PKCS#11 login belongs to the process: later sessions share it.
+            return token.open(rw=True)
+    except Exception as exc:
+        raise KeyUnavailable(f"cannot open PKCS#11 token {token_label!r} with module "
+                             f"{str(module)!r}: {type(exc).__name__}") from None
