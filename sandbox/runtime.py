@@ -45,6 +45,7 @@ class Runtime:
 
     def close(self) -> None:
         self.db.dispose()
+        self.signer.close()
         self.keys.close()
 
 

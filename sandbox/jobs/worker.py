@@ -90,6 +90,7 @@ class Worker:
         finally:
             warm.join()
             self.cache.clear()
+            self.signer.close()
             if self._runner is not None:
                 self._runner.close()
 

@@ -121,6 +121,7 @@ class TokenSigner(Signer):
         from sandbox.datasets.pkcs11 import open_session
         self.label = label
         self._lock = threading.Lock()
+        self._closed = False
         self._session = open_session(module, token_label, pin_file)
         try:
             self._private, public_obj = self._find_or_create()
@@ -192,8 +193,11 @@ class TokenSigner(Signer):
             return bytes(self._private.sign(data, mechanism=Mechanism.EDDSA))
 
     def close(self) -> None:
+        """Close the token session; idempotent."""
         with self._lock:
-            self._session.close()
+            if not self._closed:
+                self._closed = True
+                self._session.close()
 
 
 def _public_key(obj: Any) -> Ed25519PublicKey:
