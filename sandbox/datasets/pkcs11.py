@@ -66,30 +66,11 @@ class Pkcs11Keyring(Keyring):
 
     def __init__(self, module: Path, token_label: str, pin_file: Path,
                  prefix: str = "sandbox-master") -> None:
-        try:
-            import pkcs11
-        except ImportError:
-            raise KeyUnavailable("the pkcs11 key provider needs: pip install python-pkcs11") \
-                from None
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", prefix):
             raise ValueError("PKCS#11 key label prefix must be 1-40 of [A-Za-z0-9_.-]")
         self.prefix = prefix
         self.lock = threading.Lock()
-        try:
-            pin = Path(pin_file).read_text().strip()
-        except OSError as exc:
-            raise KeyUnavailable(f"cannot read PKCS#11 PIN file {str(pin_file)!r}: "
-                                 f"{exc.strerror}") from None
-        try:
-            token = pkcs11.lib(str(module)).get_token(token_label=token_label)
-            try:
-                self._session = token.open(user_pin=pin, rw=True)
-            except pkcs11.exceptions.UserAlreadyLoggedIn:
-                # PKCS#11 login belongs to the process: a second keyring shares it.
-                self._session = token.open(rw=True)
-        except Exception as exc:
-            raise KeyUnavailable(f"cannot open PKCS#11 token {token_label!r} with module "
-                                 f"{str(module)!r}: {type(exc).__name__}") from None
+        self._session = open_session(module, token_label, pin_file)
 
     def _keys(self) -> list[tuple[int, str, Any]]:
         from pkcs11 import Attribute, ObjectClass
@@ -145,8 +126,9 @@ class Pkcs11Keyring(Keyring):
 
 def open_session(module: Path, token_label: str, pin_file: Path) -> Any:
     """A read-write session, logged in as the user, on the token ``token_label`` of the
-    PKCS#11 module at ``module`` (the PIN is read from ``pin_file``). Used by the release
-    signing key in the token; raises :class:`KeyUnavailable` without revealing the PIN."""
+    PKCS#11 module at ``module`` (the PIN is read from ``pin_file``). Used by the keyring
+    and by the release signing key in the token; raises :class:`KeyUnavailable` without
+    revealing the PIN."""
     try:
         import pkcs11
     except ImportError:
