@@ -24,8 +24,7 @@ from test_upload_limits import BOUNDARY, HEADERS, TAIL, _head, _limits, _spools,
 
 from sandbox.api.uploads import UploadSlots
 from sandbox.datasets import catalog
-from sandbox.datasets.cache import reap_stale_uploads
-from sandbox.datasets.spool import UploadSpool
+from sandbox.datasets.spool import UploadSpool, reap_stale_uploads
 from sandbox.identity.service import Role, create_organisation, create_user, issue_token
 
 

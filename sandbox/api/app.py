@@ -24,9 +24,9 @@ from sandbox.api.routers import (
     reviews,
 )
 from sandbox.audit import record
-from sandbox.datasets.cache import reap_stale_uploads
 from sandbox.datasets.ingest import IngestError
 from sandbox.datasets.schema import SchemaError
+from sandbox.datasets.spool import reap_stale_uploads
 from sandbox.db.models import Job
 from sandbox.errors import SandboxError
 from sandbox.runtime import Runtime

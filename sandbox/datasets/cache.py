@@ -22,11 +22,9 @@ directories that older versions of the worker left on tmpfs (their name carries 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +33,6 @@ from typing import Protocol
 
 from sandbox.datasets import store
 from sandbox.datasets.plaintext import PlainBuffer
-from sandbox.datasets.spool import SPOOL_PREFIX, SPOOL_STAGING_PREFIX
 
 _PREFIX = "sbx-plain-"
 
@@ -282,72 +279,6 @@ def reap_orphans(tmpfs_dir: Path) -> int:
         shutil.rmtree(entry, ignore_errors=True)
         removed += 1
     return removed
-
-
-def reap_stale_uploads(directory: Path, older_than: float = 3600.0) -> int:
-    """Remove upload spool directories (``sbx-upload-*``) in ``directory`` that no live
-    upload owns; returns how many.
-
-    An encrypted spool (:mod:`sandbox.datasets.spool`, ``sbx-upload-<pid>-<random>``) is
-    locked (``flock``) by its process while open, and the kernel drops the lock when the
-    process dies however it dies; an unlocked one is removed: its key died with the
-    process, so its files are ciphertext nobody can read and only take disk space. (The
-    pid in the name is for people: a restarted container may reuse it.) The reaper takes
-    that lock itself and holds it until the directory is removed, after checking that the
-    name still is the directory it locked, so a spool cannot come to life under it.
-
-    A spool is made as ``.sbx-upload-tmp-<pid>-<random>`` and locked before it gets its
-    ``sbx-upload-`` name, so a live spool is never seen unlocked; such a staging directory
-    is removed only when untouched for ``older_than`` seconds and unlocked (a crash
-    between making and renaming it). Directories without a pid (the plaintext tmpfs
-    spools of earlier versions) are removed when untouched for ``older_than`` seconds.
-    """
-    removed = 0
-    if not directory.is_dir():
-        return 0
-    for entry in directory.iterdir():
-        name = entry.name
-        if name.startswith(SPOOL_STAGING_PREFIX):
-            removed += _reap_unlocked(entry, older_than)
-        elif name.startswith(SPOOL_PREFIX):
-            pid, dash, _ = name.removeprefix(SPOOL_PREFIX).partition("-")
-            if dash and pid.isdigit():
-                removed += _reap_unlocked(entry, None)
-                continue
-            try:
-                stale = time.time() - entry.lstat().st_mtime > older_than
-            except OSError:
-                continue
-            if stale:
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-    return removed
-
-
-def _reap_unlocked(entry: Path, older_than: float | None) -> bool:
-    """Remove the spool directory ``entry`` if no process holds its lock (and, with
-    ``older_than``, it is untouched for that many seconds); the lock is taken and held
-    through the removal. Whether it was removed."""
-    try:
-        if older_than is not None and time.time() - entry.lstat().st_mtime <= older_than:
-            return False  # perhaps being made right now: not locked yet
-        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:  # gone meanwhile, not a directory, a symlink
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # a live upload's spool
-        locked, named = os.fstat(fd), os.lstat(entry)
-        if (locked.st_dev, locked.st_ino) != (named.st_dev, named.st_ino):
-            return False  # the name is another directory now
-        shutil.rmtree(entry, ignore_errors=True)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # releases the lock, after the removal
 
 
 def _alive(pid: int) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+import time
 from pathlib import Path
 
 from sandbox.datasets.keys import KeyProvider, KeyUnavailable, LocalKeyFileProvider
@@ -121,15 +122,12 @@ class LocalKeyring(Keyring):
         (``.master-N.key.retired``) at once, keys being created (``.partial``, never used
         by anything) once ``older_than`` seconds old (a live creation takes
         milliseconds)."""
-        import time
         for path in self.directory.glob(".master-*.key.*"):
             try:
                 if path.name.endswith(".retired") or (
                         path.name.endswith(".partial")
                         and time.time() - path.stat().st_mtime > older_than):
-                    with open(path, "r+b") as handle:
-                        handle.write(b"\0" * path.stat().st_size)
-                    path.unlink()
+                    _shred(path)
             except FileNotFoundError:
                 continue
 
@@ -141,9 +139,15 @@ class LocalKeyring(Keyring):
         # (best effort) and unlink
         doomed = provider.path.with_name(f".{provider.path.name}.retired")
         os.replace(provider.path, doomed)
-        with open(doomed, "r+b") as handle:
-            handle.write(b"\0" * doomed.stat().st_size)
-            handle.flush()
-            os.fsync(handle.fileno())
-        doomed.unlink()
+        _shred(doomed)
         self._cache.pop(key_id, None)
+
+
+def _shred(path: Path) -> None:
+    """Overwrite a key file with zeros, sync, and remove it (best effort on media that
+    remap writes)."""
+    with open(path, "r+b") as handle:
+        handle.write(b"\0" * os.fstat(handle.fileno()).st_size)
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.unlink()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,26 +60,14 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self) -> AbstractContextManager[Session]:
         """One transaction: commit on success, roll back on any exception."""
-        session = self._factory()
-        try:
-            with session.begin():
-                yield session
-        finally:
-            session.close()
+        return _within(self._factory)
 
-    @contextmanager
-    def read(self) -> Iterator[Session]:
+    def read(self) -> AbstractContextManager[Session]:
         """One read-only transaction (see the class docstring); objects loaded in it stay
         usable after it ends."""
-        session = self._read_factory()
-        try:
-            with session.begin():
-                yield session
-        finally:
-            session.close()
+        return _within(self._read_factory)
 
     def migrate(self) -> None:
         """Apply every Alembic migration up to head (idempotent)."""
@@ -104,6 +92,16 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
         self.read_engine.dispose()
+
+
+@contextmanager
+def _within(factory: sessionmaker[Session]) -> Iterator[Session]:
+    session = factory()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
 
 
 def hold_lock(session: Session, name: str) -> None:

@@ -13,7 +13,6 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from sandbox.datasets.cache import reap_stale_uploads
 from sandbox.datasets.generator import enterprise_schema, generate_enterprises
 from sandbox.datasets.ingest import read_validated
 from sandbox.datasets.spool import (
@@ -22,6 +21,7 @@ from sandbox.datasets.spool import (
     SpoolIntegrityError,
     UploadSpool,
     open_plaintext,
+    reap_stale_uploads,
 )
 
 
